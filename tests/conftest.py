@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny real-format models (built once per session) and one vLLM engine of
+each kind per session (engine start costs 25-60 s on this CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared"))
+TOKENIZER_DIR = SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
+DATA_DIR = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    assert TOKENIZER_DIR.is_dir(), f"missing {TOKENIZER_DIR}"
+    return str(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    assert DATA_DIR.is_dir(), f"missing {DATA_DIR}"
+    return str(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(models_dir, tokenizer_dir) -> str:
+    from vgs.tiny import make_tiny
+
+    return make_tiny("policy", tokenizer_dir, str(models_dir / "policy"), layers=2, hidden=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_value(models_dir, tokenizer_dir) -> str:
+    from vgs.tiny import make_tiny
+
+    return make_tiny("value", tokenizer_dir, str(models_dir / "value"), layers=2, hidden=128, seed=1)
+
+
+@pytest.fixture(scope="session")
+def policy_engine(tiny_policy):
+    """The one policy engine of the session (guidance processor loaded, as in production)."""
+    from vgs.config import EngineConfig
+    from vgs.engine import PolicyEngine
+
+    return PolicyEngine(EngineConfig(model=tiny_policy, kv_cache_gib=1.0, max_model_len=4096))

@@ -1,0 +1,346 @@
+"""`vgs eval`: run a search method over benchmarks, grade, and write resumable results.
+
+Output directory:
+- `config.json`   what produced the results; a re-run with a different config is refused.
+- `samples.jsonl` one line per (benchmark, problem, repetition), appended (and fsynced) as
+  each batch of problems finishes. A re-run skips every line already there, so a killed run
+  loses at most the batch in flight and never duplicates a line.
+- `summary.csv`   per benchmark and average: the method's accuracy, pass@1, maj@n, wmaj@n,
+  bon@n, pass@n with 95% CIs, mean generated tokens, FLOPs; also printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+from benchmarks.datasets import BENCHMARKS, Problem, load_benchmark
+from vgs.config import METHODS, SELECTIONS, EngineConfig, SamplingConfig, SearchConfig
+from vgs.errors import VGSError
+from vgs.prompts import DEFAULT_USER_TEMPLATE
+
+# Which vote picks a method's answer (sampling-style methods all share the same N samples).
+CHOICE = {"sample": "pass1", "majority": "maj", "best_of_n": "bon", "weighted_majority": "wmaj",
+          "vgs": "wmaj", "qsharp": "maj", "cd": "maj"}
+NEEDS_SCORER = ("best_of_n", "weighted_majority", "vgs")
+NEEDS_VALUE_MODEL = NEEDS_SCORER + ("qsharp", "cd")
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str]
+    policy: str
+    out: str
+    search: SearchConfig
+    sampling: SamplingConfig
+    value_model: str | None = None
+    tokenizer: str | None = None
+    value_backend: str = "vllm"
+    repetitions: int = 1
+    data_dir: str | None = None
+    limit: int | None = None
+    prompt_template: str = DEFAULT_USER_TEMPLATE
+    batch_size: int = 32
+    save_text: bool = True
+    policy_engine: dict[str, Any] = field(default_factory=dict)
+    value_engine: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "EvalConfig":
+        if not self.benchmarks:
+            raise VGSError("give at least one --benchmark")
+        for b in self.benchmarks:
+            if b not in BENCHMARKS:
+                raise VGSError(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)}")
+        self.search.validate()
+        self.sampling.validate()
+        if self.repetitions < 1:
+            raise VGSError(f"--repetitions must be >= 1, got {self.repetitions}")
+        if self.batch_size < 1:
+            raise VGSError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise VGSError(f"--limit must be >= 1, got {self.limit}")
+        if self.search.method in NEEDS_VALUE_MODEL and not self.value_model:
+            raise VGSError(f"--method {self.search.method} needs --value-model")
+        if self.value_backend not in ("vllm", "hf"):
+            raise VGSError(f"--value-backend must be vllm or hf, got {self.value_backend!r}")
+        if self.data_dir and not os.path.isdir(self.data_dir):
+            raise VGSError(f"--data-dir {self.data_dir!r} is not a directory")
+        from vgs.engine import check_model_path
+
+        check_model_path(self.policy)
+        if self.value_model:
+            check_model_path(self.value_model)
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes results. Benchmarks, limits, repetitions, batching and
+        memory knobs may change between runs sharing an output dir; these may not."""
+        search = asdict(self.search)
+        if self.search.method != "vgs":
+            for k in ("budget", "beam_width", "block_size", "trees", "selection"):
+                search.pop(k)
+        if self.search.method not in ("qsharp", "cd"):
+            for k in ("eta", "top_k", "report_kl"):
+                search.pop(k)
+        return {"policy": self.policy, "value_model": self.value_model, "tokenizer": self.tokenizer,
+                "search": search, "sampling": asdict(self.sampling), "prompt_template": self.prompt_template}
+
+
+# ----------------------------------------------------------------------------- results file
+
+class ResultsFile:
+    """Append-only JSONL of finished work items, tolerant of a torn last line."""
+
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "samples.jsonl")
+        self.rows: list[dict] = []
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                data = f.read()
+            keep = data[: data.rfind(b"\n") + 1]  # drop a line torn by a kill mid-write
+            if len(keep) != len(data):
+                with open(self.path, "wb") as f:
+                    f.write(keep)
+            self.rows = [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
+
+    @staticmethod
+    def key(benchmark: str, problem_id: str, repetition: int) -> tuple[str, str, int]:
+        return (benchmark, str(problem_id), int(repetition))
+
+    def done(self) -> set[tuple[str, str, int]]:
+        return {self.key(r["benchmark"], r["problem_id"], r["repetition"]) for r in self.rows}
+
+    def append(self, rows: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.extend(rows)
+
+
+def check_config(out_dir: str, cfg: EvalConfig) -> None:
+    """Write config.json on the first run; refuse a re-run whose results would differ."""
+    path = os.path.join(out_dir, "config.json")
+    fp = cfg.fingerprint()
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f).get("fingerprint")
+        if old != json.loads(json.dumps(fp)):
+            diffs = [k for k in sorted(set(old or {}) | set(fp)) if (old or {}).get(k) != json.loads(json.dumps(fp)).get(k)]
+            raise VGSError(f"{out_dir} holds results of a different configuration (differs in: {', '.join(diffs)}); "
+                           "use another --out or the same settings")
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"fingerprint": fp, "argv": sys.argv}, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclass
+class WorkItem:
+    problem: Problem
+    repetition: int
+    seed: int
+
+
+def build_engines(cfg: EvalConfig):
+    """Policy engine first, then the value scorer (two engines must start one after the other)."""
+    from vgs.engine import PolicyEngine
+    from vgs.search import Engines
+
+    policy = PolicyEngine(EngineConfig(model=cfg.policy, tokenizer=cfg.tokenizer, seed=cfg.sampling.seed,
+                                       **cfg.policy_engine))
+    scorer = None
+    if cfg.search.method in NEEDS_SCORER:
+        from vgs.value import make_value_scorer
+
+        scorer = make_value_scorer(cfg.value_model, backend=cfg.value_backend,
+                                   tokenizer=cfg.tokenizer or cfg.policy, **cfg.value_engine)
+    return Engines(policy=policy, value=scorer, value_model=cfg.value_model)
+
+
+def grade_results(items: list[WorkItem], results, tokenizer, grader, method: str, save_text: bool) -> list[dict]:
+    """Decode, extract, grade and vote; one JSON row per work item."""
+    from vgs.grading import extract_answer, vote
+    from vgs.prompts import decode
+
+    rows = []
+    for item, res in zip(items, results):
+        texts = [decode(tokenizer, c.token_ids) for c in res.candidates]
+        answers = [extract_answer(t) for t in texts]
+        correct = grader.correct(item.problem.answer, answers)
+        for c, t, a, ok in zip(res.candidates, texts, answers, correct):
+            c.text, c.answer, c.correct = t, a, bool(ok)
+        values = [c.value for c in res.candidates]
+        weights = values if all(v is not None for v in values) else None
+        v = vote(answers, weights=weights, correct=correct, classes=grader.classes(answers))
+        metrics = {"pass1": v.pass_at_1, "maj": v.maj, "wmaj": v.wmaj, "bon": v.bon, "pass_n": v.pass_at_n,
+                   "maj_ties": v.maj_ties, "wmaj_ties": v.wmaj_ties, "num_classes": v.num_classes}
+        choice = CHOICE[method]
+        metrics["accuracy"] = metrics[choice]
+        answer = {"pass1": answers[0] if answers else None, "maj": v.maj_answer, "wmaj": v.wmaj_answer,
+                  "bon": v.bon_answer}[choice]
+        samples = []
+        for c in res.candidates:
+            s = {"num_tokens": c.num_tokens, "finish_reason": c.finish_reason, "answer": c.answer,
+                 "correct": c.correct, "value": c.value, "tree": c.tree}
+            if c.info:
+                s["info"] = c.info
+            if save_text:
+                s["text"] = c.text
+            samples.append(s)
+        rows.append({
+            "benchmark": item.problem.benchmark, "problem_id": item.problem.id, "repetition": item.repetition,
+            "seed": item.seed, "gold": item.problem.answer, "method": method, "answer": answer,
+            "correct": metrics["accuracy"], "metrics": metrics,
+            "mean_tokens": sum(c.num_tokens for c in res.candidates) / max(1, len(res.candidates)),
+            "compute": res.compute.to_dict(), "samples": samples,
+            **({"trace": res.trace} if res.trace else {}),
+        })
+    return rows
+
+
+def _chunks(xs: list, n: int) -> Iterator[list]:
+    for i in range(0, len(xs), n):
+        yield xs[i: i + n]
+
+
+def run_eval(cfg: EvalConfig) -> "Any":
+    """Run (or resume) an evaluation; returns the summary DataFrame."""
+    from tqdm import tqdm
+
+    from benchmarks.report import format_table, summarize
+    from vgs.search import derive_seed, run_search
+
+    cfg.validate()
+    problems = {b: load_benchmark(b, cfg.data_dir, cfg.limit) for b in cfg.benchmarks}
+    check_config(cfg.out, cfg)
+    results_file = ResultsFile(cfg.out)
+    done = results_file.done()
+    todo = [WorkItem(p, r, derive_seed(cfg.sampling.seed, p.benchmark, p.id, r))
+            for r in range(cfg.repetitions) for b in cfg.benchmarks for p in problems[b]
+            if ResultsFile.key(p.benchmark, p.id, r) not in done]
+    total = sum(len(ps) for ps in problems.values()) * cfg.repetitions
+    if todo:
+        print(f"[vgs eval] {len(todo)} of {total} problem×repetition items to run "
+              f"({total - len(todo)} already in {results_file.path})", file=sys.stderr)
+        engines = build_engines(cfg)
+        from vgs.grading import Grader
+        from vgs.prompts import prompt_ids
+
+        tok = engines.policy.tokenizer
+        with Grader() as grader, tqdm(total=total, initial=total - len(todo), desc="problems", unit="prob") as bar:
+            for chunk in _chunks(todo, cfg.batch_size):
+                prompts = [prompt_ids(tok, it.problem.problem, cfg.prompt_template) for it in chunk]
+
+                def on_round(rnd: int, active: int) -> None:
+                    bar.set_postfix(round=rnd, active_beams=active)
+
+                results = run_search(prompts, [it.seed for it in chunk], engines, cfg.search, cfg.sampling,
+                                     on_round=on_round)
+                rows = grade_results(chunk, results, tok, grader, cfg.search.method, cfg.save_text)
+                for row, prompt in zip(rows, prompts):
+                    row["prompt_tokens"] = len(prompt)
+                results_file.append(rows)
+                bar.update(len(chunk))
+    else:
+        print(f"[vgs eval] all {total} items already in {results_file.path}; nothing to generate", file=sys.stderr)
+
+    wanted = {(p.benchmark, p.id) for ps in problems.values() for p in ps}
+    rows = [r for r in results_file.rows if (r["benchmark"], str(r["problem_id"])) in wanted
+            and r["repetition"] < cfg.repetitions]
+    summary = summarize(rows)
+    summary.insert(1, "method", cfg.search.method)
+    tmp = os.path.join(cfg.out, "summary.csv.tmp")
+    summary.to_csv(tmp, index=False)
+    os.replace(tmp, os.path.join(cfg.out, "summary.csv"))
+    print(format_table(summary, cfg.search.method))
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engines")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="policy engine's share of GPU memory (the value engine gets --value-gpu-memory-utilization)")
+    g.add_argument("--value-gpu-memory-utilization", type=float, default=None)
+    g.add_argument("--kv-cache-gib", type=float, default=None, help="policy KV cache size (CPU default 2 GiB)")
+    g.add_argument("--value-kv-cache-gib", type=float, default=None, help="value-model KV cache size")
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--enforce-eager", action="store_true", default=None)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a search method on math benchmarks (resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--benchmark", action="append", required=True, help=f"one of {', '.join(BENCHMARKS)}; repeatable")
+    p.add_argument("--policy", required=True, help="policy model (local dir or Hub id)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the policy's)")
+    p.add_argument("--method", default="majority", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--value-model", default=None)
+    p.add_argument("--value-backend", default="vllm", help="vllm (prefix-cached pooling) or hf (transformers)")
+    p.add_argument("--n", type=int, default=16, help="samples per problem (sampling methods, qsharp, cd)")
+    p.add_argument("--budget", type=int, default=8, help="VGS: blocks sampled per round per tree (N)")
+    p.add_argument("--beam-width", type=int, default=2, help="VGS: w, children per beam")
+    p.add_argument("--block-size", type=int, default=4096, help="VGS: tokens per block")
+    p.add_argument("--trees", type=int, default=1, help="VGS: independent DVTS trees per problem")
+    p.add_argument("--selection", default="global", help=f"VGS: one of {', '.join(SELECTIONS)}")
+    p.add_argument("--eta", type=float, default=0.1, help="qsharp/cd: KL weight η")
+    p.add_argument("--top-k", type=int, default=20, help="qsharp/cd: candidates scored per token")
+    p.add_argument("--report-kl", action="store_true", help="qsharp/cd: record per-sample KL(guided || ref)")
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetitions", type=int, default=1)
+    p.add_argument("--out", required=True, help="output directory (re-run with the same --out to resume)")
+    p.add_argument("--data-dir", default=None, help="read benchmarks from DIR/<name>.jsonl instead of the Hub "
+                                                    "(default: $VGS_DATA_DIR)")
+    p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--batch-size", type=int, default=32, help="problems searched together (results saved per batch)")
+    p.add_argument("--prompt-template", default=DEFAULT_USER_TEMPLATE)
+    p.add_argument("--no-save-text", dest="save_text", action="store_false", help="store token counts, not texts")
+    add_engine_args(p)
+    p.set_defaults(func=run_cli)
+
+
+def engine_kwargs(args: argparse.Namespace, value: bool) -> dict[str, Any]:
+    kv = args.value_kv_cache_gib if value else args.kv_cache_gib
+    util = args.value_gpu_memory_utilization if value else args.gpu_memory_utilization
+    kw: dict[str, Any] = {"dtype": args.dtype, "max_model_len": args.max_model_len,
+                          "tensor_parallel_size": args.tensor_parallel_size, "enforce_eager": args.enforce_eager}
+    if kv is not None:
+        kw["kv_cache_gib"] = kv
+    if util is not None:
+        kw["gpu_memory_utilization"] = util
+    return kw
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    search = SearchConfig(method=args.method, n=args.n, budget=args.budget, beam_width=args.beam_width,
+                          block_size=args.block_size, trees=args.trees, selection=args.selection, eta=args.eta,
+                          top_k=args.top_k, report_kl=args.report_kl)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                              seed=args.seed)
+    return EvalConfig(benchmarks=args.benchmark, policy=args.policy, out=args.out, search=search, sampling=sampling,
+                      value_model=args.value_model, tokenizer=args.tokenizer, value_backend=args.value_backend,
+                      repetitions=args.repetitions, data_dir=args.data_dir, limit=args.limit,
+                      prompt_template=args.prompt_template, batch_size=args.batch_size, save_text=args.save_text,
+                      policy_engine=engine_kwargs(args, value=False), value_engine=engine_kwargs(args, value=True))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    run_eval(config_from_args(args))
+    return 0

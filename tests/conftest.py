@@ -54,4 +54,6 @@ def policy_engine(tiny_policy):
     from vgs.config import EngineConfig
     from vgs.engine import PolicyEngine
 
-    return PolicyEngine(EngineConfig(model=tiny_policy, kv_cache_gib=1.0, max_model_len=4096))
+    engine = PolicyEngine(EngineConfig(model=tiny_policy, kv_cache_gib=1.0, max_model_len=4096))
+    yield engine
+    engine.close()

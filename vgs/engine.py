@@ -135,6 +135,9 @@ class PolicyEngine:
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.num_params = count_params(cfg.model)
 
+    def close(self) -> None:
+        shutdown_llm(self.llm)
+
     def sampling_params(self, req: GenRequest, sampling: SamplingConfig) -> Any:
         from vllm import SamplingParams
 
@@ -177,3 +180,14 @@ class PolicyEngine:
                                          {"num_cached_tokens": getattr(out, "num_cached_tokens", None)}))
             result.append(samples)
         return result
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop a `vllm.LLM`'s engine-core process now, rather than at interpreter exit (where its
+    log lines hit closed streams and the worker is force-killed)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        try:
+            core.shutdown()
+        except Exception as exc:  # noqa: BLE001 - best effort at teardown
+            log.debug("engine shutdown: %s", exc)

@@ -1,0 +1,131 @@
+"""VGS beam search control flow (fake engines), then through real vLLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fakes import EOS, MARKER, FakePolicy, MarkerScorer
+from vgs.config import SamplingConfig, SearchConfig
+from vgs.errors import VGSError
+from vgs.search import Engines, derive_seed, run_search
+from vgs.search.beam import select
+
+
+def vgs_cfg(**kw) -> SearchConfig:
+    base = dict(method="vgs", budget=4, beam_width=2, block_size=8, trees=1)
+    base.update(kw)
+    return SearchConfig(**base).validate()
+
+
+def test_select_rules():
+    import random
+
+    vals = [0.1, 0.9, 0.5, 0.9, 0.2, 0.3]
+    parents = [0, 0, 1, 1, 2, 2]
+    assert select(vals, parents, 3, "global", random.Random(0)) == [1, 3, 2]
+    assert select(vals, parents, 3, "per-parent", random.Random(0)) == [1, 3, 5]
+    r = select(vals, parents, 3, "random", random.Random(0))
+    assert len(set(r)) == 3 and r == select(vals, parents, 3, "random", random.Random(0))
+
+
+def test_kept_beams_are_the_high_value_ones():
+    policy, scorer = FakePolicy(), MarkerScorer()
+    sampling = SamplingConfig(max_tokens=24)
+    res = run_search([[1, 2, 3]], [5], Engines(policy, scorer), vgs_cfg(budget=4, beam_width=2), sampling)[0]
+    # Round by round: the kept candidates are exactly the top-k values of all candidates.
+    for rec in res.trace:
+        k = rec["active"]
+        top = sorted(range(len(rec["values"])), key=lambda c: (-rec["values"][c], c))[:k]
+        assert rec["kept"] == top
+        assert len(rec["values"]) == 2 * k  # w children per active beam
+    # Final beams: B = N / w = 2, each max_tokens long, values = share of marker tokens of the full sequence.
+    assert len(res.candidates) == 2
+    for c in res.candidates:
+        assert c.num_tokens == 24 and c.finish_reason == "length"
+        assert c.value == pytest.approx(([1, 2, 3] + c.token_ids).count(MARKER) / (3 + 24))
+    # Guidance helps: VGS beams have more markers than unguided samples of the same policy on average.
+    plain = run_search([[1, 2, 3]] * 20, list(range(20)), Engines(FakePolicy(), None),
+                       SearchConfig(method="sample", n=2), sampling)
+    plain_share = sum(c.token_ids.count(MARKER) for r in plain for c in r.candidates) / (20 * 2 * 24)
+    guided = run_search([[1, 2, 3]] * 20, list(range(20)), Engines(FakePolicy(), MarkerScorer()), vgs_cfg(), sampling)
+    guided_share = sum(c.token_ids.count(MARKER) for r in guided for c in r.candidates) / (20 * 2 * 24)
+    assert guided_share > 1.5 * plain_share
+
+
+def test_budget_dvts_and_block_caps():
+    policy, scorer = FakePolicy(), MarkerScorer()
+    sampling = SamplingConfig(max_tokens=20)
+    cfg = vgs_cfg(budget=6, beam_width=3, block_size=8, trees=3)
+    results = run_search([[1], [2, 2]], [0, 1], Engines(policy, scorer), cfg, sampling)
+    for res in results:
+        assert len(res.candidates) == 2 * 3  # B beams per tree, pooled over trees
+        assert sorted({c.tree for c in res.candidates}) == [0, 1, 2]
+        # rounds of 8, 8, 4 tokens: 3 rounds, 2 active beams per tree, 3 children each
+        assert [r["round"] for r in res.trace if r["tree"] == 0] == [0, 1, 2]
+        assert res.compute.policy_tokens == 3 * 2 * 3 * (8 + 8 + 4)
+    # one generate call per round for all beams of both problems and all trees, n = w per beam
+    assert len(policy.calls) == 3
+    assert all(len(call) == 2 * 3 * 2 and all(r.n == 3 for r in call) for call in policy.calls)
+    assert [r.max_tokens for r in policy.calls[2]] == [4] * 12
+    assert scorer.calls == 3  # one batched scoring call per round
+
+
+def test_finished_beams_are_frozen_and_not_rescored():
+    policy, scorer = FakePolicy(p_stop=0.5), MarkerScorer()
+    sampling = SamplingConfig(max_tokens=40)
+    res = run_search([[1, 2]], [3], Engines(policy, scorer), vgs_cfg(budget=8, beam_width=2, block_size=8), sampling)[0]
+    stopped = [c for c in res.candidates if c.finish_reason == "stop"]
+    assert stopped, "p_stop=0.5 over several rounds should finish some beams on EOS"
+    for c in stopped:
+        assert c.token_ids[-1] == EOS and c.num_tokens <= 40
+    # active counts never grow, and each round scores w candidates per still-active beam
+    actives = [r["active"] for r in res.trace]
+    assert actives == sorted(actives, reverse=True) and actives[0] == 4
+    assert res.compute.value_calls == sum(2 * a for a in actives)
+    # the value of a finished beam is the one it was selected with (the last of its trace)
+    for c in res.candidates:
+        assert c.value == c.info["values"][-1]
+
+
+def test_deterministic_under_seed():
+    sampling = SamplingConfig(max_tokens=24)
+    run = lambda seed: run_search([[4, 5]], [seed], Engines(FakePolicy(0.2), MarkerScorer()), vgs_cfg(trees=2), sampling)[0]
+    a, b, c = run(11), run(11), run(12)
+    assert [x.token_ids for x in a.candidates] == [x.token_ids for x in b.candidates]
+    assert [x.token_ids for x in a.candidates] != [x.token_ids for x in c.candidates]
+    assert derive_seed(1, "aime24", "3", 0) == derive_seed(1, "aime24", "3", 0) != derive_seed(1, "aime24", "3", 1)
+
+
+def test_config_errors():
+    with pytest.raises(VGSError, match="multiple of beam width"):
+        SearchConfig(method="vgs", budget=5, beam_width=2).validate()
+    with pytest.raises(VGSError, match="unknown selection"):
+        SearchConfig(method="vgs", selection="best").validate()
+    with pytest.raises(VGSError, match="needs a value model"):
+        run_search([[1]], [0], Engines(FakePolicy(), None), vgs_cfg(), SamplingConfig(max_tokens=8))
+
+
+@pytest.mark.vllm
+def test_vgs_through_real_vllm_prefers_known_values(policy_engine):
+    """Real engine, known preference: the scorer likes low token ids. Beams kept each round
+    are the top values, blocks continue exactly from their beams, and lengths add up."""
+
+    class LowIdScorer(MarkerScorer):
+        def score(self, seqs):
+            self.calls += 1
+            self.tokens_computed += sum(len(s) for s in seqs)
+            return [sum(t < 75000 for t in s[-16:]) / 16 for s in seqs]
+
+    sampling = SamplingConfig(max_tokens=32, temperature=1.0, top_p=1.0)
+    prompts = [policy_engine.tokenizer("1+1=", add_special_tokens=False)["input_ids"], [151646, 151644, 100, 200]]
+    cfg = vgs_cfg(budget=4, beam_width=2, block_size=16, trees=2)
+    res = run_search(prompts, [0, 1], Engines(policy_engine, LowIdScorer()), cfg, sampling)
+    again = run_search(prompts, [0, 1], Engines(policy_engine, LowIdScorer()), cfg, sampling)
+    for r, r2 in zip(res, again):
+        assert len(r.candidates) == 4
+        assert [c.token_ids for c in r.candidates] == [c.token_ids for c in r2.candidates]
+        for rec in r.trace:
+            top = sorted(range(len(rec["values"])), key=lambda c: (-rec["values"][c], c))[: rec["active"]]
+            assert rec["kept"] == top
+        for c in r.candidates:
+            assert c.num_tokens <= 32 and (c.finish_reason == "stop" or c.num_tokens == 32)

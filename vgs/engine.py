@@ -116,7 +116,11 @@ def vllm_engine_kwargs(cfg: EngineConfig) -> dict[str, Any]:
 
 
 class PolicyEngine:
-    """`vllm.LLM` in generate mode. Build one per process and share it."""
+    """`vllm.LLM` in generate mode. Build one per process and share it.
+
+    By default the Q♯/CD guidance logits processor is loaded (`vgs.guidance`): it is a no-op
+    for requests without guidance `extra_args`, so guided and unguided requests share one
+    batch. Pass `logits_processors=[]` for a bare engine."""
 
     def __init__(self, cfg: EngineConfig, logits_processors: list[Any] | None = None):
         cfg.validate()
@@ -129,6 +133,10 @@ class PolicyEngine:
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.eos_ids = eos_token_ids(self.tokenizer)
         kw = vllm_engine_kwargs(cfg)
+        if logits_processors is None:
+            from vgs.guidance.processor import GUIDANCE_PROCESSOR
+
+            logits_processors = [GUIDANCE_PROCESSOR]
         if logits_processors:
             kw["logits_processors"] = logits_processors
         self.llm = LLM(**kw)

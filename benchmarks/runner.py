@@ -163,8 +163,11 @@ def build_engines(cfg: EvalConfig):
     if cfg.search.method in NEEDS_SCORER:
         from vgs.value import make_value_scorer
 
-        scorer = make_value_scorer(cfg.value_model, backend=cfg.value_backend,
-                                   tokenizer=cfg.tokenizer or cfg.policy, **cfg.value_engine)
+        if cfg.value_backend == "vllm":
+            scorer = make_value_scorer(cfg.value_model, backend="vllm", tokenizer=cfg.tokenizer or cfg.policy,
+                                       **cfg.value_engine)
+        else:  # transformers: bf16 on GPU, fp32 on CPU; engine knobs do not apply
+            scorer = make_value_scorer(cfg.value_model, backend="hf")
     return Engines(policy=policy, value=scorer, value_model=cfg.value_model)
 
 

@@ -8,6 +8,7 @@ benchmark accuracies, as in the paper.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -78,3 +79,135 @@ def format_table(summary: pd.DataFrame, method: str) -> str:
     show["mean tokens"] = summary["mean tokens"].map(lambda x: f"{x:,.0f}")
     show["TFLOPs/problem"] = summary["TFLOPs/problem"].map(lambda x: f"{x:.3g}")
     return show.to_string(index=False)
+
+
+# ----------------------------------------------------------------------------- accuracy vs budget
+
+def _budgets(n: int) -> list[int]:
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+def budget_curve(rows: list[dict], search, subsets: int = 16, seed: int = 0) -> pd.DataFrame:
+    """Accuracy vs budget (generations per problem), averaged over benchmarks, in percent.
+
+    Sampling-style runs (N samples per problem) give a whole curve: for each k ≤ N (powers of
+    two and N) the votes are recomputed on `subsets` random k-subsets of the stored samples
+    (equivalence classes were stored with them, so no re-grading). A VGS run is one point per
+    metric at its total budget N × trees.
+    """
+    import random
+
+    from vgs.grading import vote
+
+    rng = random.Random(seed)
+    recs = []
+    for r in rows:
+        samples = r["samples"]
+        n = len(samples)
+        if search.method == "vgs":
+            for m in ("wmaj", "maj", "bon"):
+                if r["metrics"].get(m) is not None:
+                    recs.append({"benchmark": r["benchmark"], "budget": search.total_budget, "metric": m,
+                                 "accuracy": r["metrics"][m]})
+            continue
+        classes = [s.get("class", i) for i, s in enumerate(samples)]
+        answers = [s["answer"] for s in samples]
+        correct = [bool(s["correct"]) for s in samples]
+        values = [s["value"] for s in samples]
+        weighted = all(v is not None for v in values)
+        for k in _budgets(n):
+            acc: dict[str, list[float]] = {}
+            for _ in range(subsets if k < n else 1):
+                idx = sorted(rng.sample(range(n), k))
+                v = vote([answers[i] for i in idx], weights=[values[i] for i in idx] if weighted else None,
+                         correct=[correct[i] for i in idx], classes=[classes[i] for i in idx])
+                for m, val in (("maj", v.maj), ("wmaj", v.wmaj), ("bon", v.bon), ("pass", v.pass_at_n)):
+                    if val is not None:
+                        acc.setdefault(m, []).append(val)
+            for m, vals in acc.items():
+                recs.append({"benchmark": r["benchmark"], "budget": k, "metric": m, "accuracy": float(np.mean(vals))})
+    if not recs:
+        return pd.DataFrame(columns=["budget", "metric", "accuracy"])
+    df = pd.DataFrame(recs)
+    per_bench = df.groupby(["benchmark", "budget", "metric"], as_index=False)["accuracy"].mean()
+    return per_bench.groupby(["budget", "metric"], as_index=False)["accuracy"].mean().assign(
+        accuracy=lambda d: 100.0 * d["accuracy"])
+
+
+def plot_accuracy_vs_budget(curves: dict, path: str) -> bool:
+    """One line per (run, metric): accuracy (mean over benchmarks) vs generations per problem."""
+    if not any(len(c) for c, _ in curves.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (curve, _search) in curves.items():
+        for metric, g in curve.groupby("metric"):
+            if metric == "pass":
+                continue
+            g = g.sort_values("budget")
+            ax.plot(g["budget"], g["accuracy"], marker="o", label=f"{name} {metric}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("generations per problem (budget)")
+    ax.set_ylabel("accuracy (%), mean over benchmarks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+# ----------------------------------------------------------------------------- `vgs report`
+
+def load_run(out_dir: str) -> tuple[list[dict], "object"]:
+    """Rows and SearchConfig of a finished (or partial) `vgs eval` output directory."""
+    import json
+
+    from vgs.config import SearchConfig
+    from vgs.errors import VGSError
+
+    cfg_path, rows_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "samples.jsonl")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(rows_path)):
+        raise VGSError(f"{out_dir} is not a `vgs eval` output directory (needs config.json and samples.jsonl)")
+    with open(cfg_path) as f:
+        fp = json.load(f)["fingerprint"]
+    search = SearchConfig(**fp["search"])
+    with open(rows_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows, search
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="compare finished `vgs eval` runs: one table and an accuracy-vs-budget plot")
+    p.add_argument("runs", nargs="+", help="output directories of `vgs eval`")
+    p.add_argument("--plot", default=None, help="write the accuracy-vs-budget plot here (PNG)")
+    p.add_argument("--csv", default=None, help="write the combined summary here")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args) -> int:
+    frames, curves = [], {}
+    for d in args.runs:
+        rows, search = load_run(d)
+        name = f"{os.path.basename(os.path.normpath(d))} ({search.method}, N={search.total_budget})"
+        s = summarize(rows)
+        s.insert(0, "run", name)
+        frames.append(s)
+        curves[name] = (budget_curve(rows, search), search)
+        print(f"== {name}")
+        print(format_table(s.drop(columns=["run"]), search.method))
+    if args.csv:
+        pd.concat(frames, ignore_index=True).to_csv(args.csv, index=False)
+    if args.plot and plot_accuracy_vs_budget(curves, args.plot):
+        print(f"plot: {args.plot}")
+    return 0

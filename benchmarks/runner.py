@@ -185,7 +185,8 @@ def grade_results(items: list[WorkItem], results, tokenizer, grader, method: str
             c.text, c.answer, c.correct = t, a, bool(ok)
         values = [c.value for c in res.candidates]
         weights = values if all(v is not None for v in values) else None
-        v = vote(answers, weights=weights, correct=correct, classes=grader.classes(answers))
+        classes = grader.classes(answers)
+        v = vote(answers, weights=weights, correct=correct, classes=classes)
         metrics = {"pass1": v.pass_at_1, "maj": v.maj, "wmaj": v.wmaj, "bon": v.bon, "pass_n": v.pass_at_n,
                    "maj_ties": v.maj_ties, "wmaj_ties": v.wmaj_ties, "num_classes": v.num_classes}
         choice = CHOICE[method]
@@ -193,9 +194,9 @@ def grade_results(items: list[WorkItem], results, tokenizer, grader, method: str
         answer = {"pass1": answers[0] if answers else None, "maj": v.maj_answer, "wmaj": v.wmaj_answer,
                   "bon": v.bon_answer}[choice]
         samples = []
-        for c in res.candidates:
+        for c, cls in zip(res.candidates, classes):
             s = {"num_tokens": c.num_tokens, "finish_reason": c.finish_reason, "answer": c.answer,
-                 "correct": c.correct, "value": c.value, "tree": c.tree}
+                 "correct": c.correct, "class": cls, "value": c.value, "tree": c.tree}
             if c.info:
                 s["info"] = c.info
             if save_text:
@@ -221,7 +222,7 @@ def run_eval(cfg: EvalConfig) -> "Any":
     """Run (or resume) an evaluation; returns the summary DataFrame."""
     from tqdm import tqdm
 
-    from benchmarks.report import format_table, summarize
+    from benchmarks.report import budget_curve, format_table, plot_accuracy_vs_budget, summarize
     from vgs.search import derive_seed, run_search
 
     cfg.validate()
@@ -267,6 +268,9 @@ def run_eval(cfg: EvalConfig) -> "Any":
     summary.to_csv(tmp, index=False)
     os.replace(tmp, os.path.join(cfg.out, "summary.csv"))
     print(format_table(summary, cfg.search.method))
+    plot_path = os.path.join(cfg.out, "accuracy_vs_budget.png")
+    if plot_accuracy_vs_budget({cfg.search.method: (budget_curve(rows, cfg.search), cfg.search)}, plot_path):
+        print(f"[vgs eval] plot: {plot_path}", file=sys.stderr)
     return summary
 
 

@@ -16,6 +16,9 @@ from vgs.errors import VGSError
 COMMAND_MODULES = [
     "vgs.commands.make_tiny",
     "benchmarks.runner",
+    "benchmarks.report",
+    "value_models.collect",
+    "value_models.rounds",
 ]
 
 

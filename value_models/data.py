@@ -49,7 +49,9 @@ def parquet_files(paths: str | Sequence[str]) -> list[str]:
     for p in paths:
         if os.path.isdir(p):
             found = sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
-            found = [f for f in found if not os.path.basename(f).startswith((".", "_")) and ".tmp" not in f]
+            # skip hidden / private parts (collect's staging area, partial writes)
+            found = [f for f in found if not any(part.startswith((".", "_")) or part.endswith(".tmp")
+                                                 for part in os.path.relpath(f, p).split(os.sep))]
             if not found:
                 raise VGSError(f"no .parquet files under {p!r}")
             files.extend(found)

@@ -732,8 +732,9 @@ def _pad_id(cfg: TrainConfig) -> int:
 # command line
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Training flags (shared with `vgs train-rounds`)."""
+def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
+    """Training flags (shared with `vgs train-rounds`, where --seed and --dtype, which the
+    collection flags also have, are spelled --train-seed and --train-dtype)."""
     g = p.add_argument_group("training")
     g.add_argument("--max-length", type=int, default=16384, help="truncate roll_in + roll_out to this many tokens")
     g.add_argument("--num-labels", type=int, default=3, choices=(1, 3), help="3-class CE head or 1-class BCE head")
@@ -753,7 +754,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--pack", action="store_true", help="pack each micro-batch into one row (no padding)")
     g.add_argument("--pad-to-multiple", type=int, default=8)
-    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+    g.add_argument("--train-dtype" if rounds else "--dtype", dest="train_dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast dtype: auto = bf16 on GPU, fp32 on CPU (weights stay fp32)")
     g.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (sdpa, flash_attention_2, eager)")
     g.add_argument("--fsdp", action="store_true", help="shard parameters/grads/optimizer (FSDP2) instead of DDP")
@@ -763,7 +764,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     g.add_argument("--log-every", type=int, default=1)
-    g.add_argument("--train-seed", dest="seed", type=int, default=1337, help="data order, head init, dropout")
+    g.add_argument("--train-seed" if rounds else "--seed", dest="train_seed", type=int, default=1337,
+                   help="data order, head init, dropout")
     g.add_argument("--tokenizer", default=None, help="tokenizer files to copy into checkpoints (default: from --init)")
     g.add_argument("--tensorboard", action="store_true")
     g.add_argument("--wandb-project", default=None)
@@ -771,7 +773,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw = {k: v for k, v in vars(args).items() if k in names and k not in ("seed", "dtype")}
+    kw["seed"], kw["dtype"] = args.train_seed, args.train_dtype
     kw.update(override)
     return TrainConfig(**kw)
 
@@ -779,10 +782,12 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m value_models.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", required=True, help="Parquet files or directories (rounds: list them all)")
+    p.add_argument("--data", nargs="+", help="Parquet files or directories (rounds: list them all)")
     p.add_argument("--val-data", nargs="+", default=[], help="held-out Parquet data (default: split --data by problem)")
-    p.add_argument("--init", required=True, help="causal LM (new head) or value model (warm start) checkpoint")
-    p.add_argument("--out", required=True, help="run directory: checkpoints/, train_log.csv, val_log.csv, final")
+    p.add_argument("--init", help="causal LM (new head) or value model (warm start) checkpoint")
+    p.add_argument("--out", help="run directory: checkpoints/, train_log.csv, val_log.csv, final")
+    p.add_argument("--config-json", default=None,
+                   help="read every setting from this JSON (a TrainConfig; `vgs train-rounds` uses it)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (if any)")
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and exit after this step (job slicing)")
     p.add_argument("--run-name", default=None)
@@ -790,15 +795,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_config_json(path: str) -> TrainConfig:
+    try:
+        with open(path) as f:
+            return TrainConfig(**json.load(f))
+    except (OSError, ValueError, TypeError) as exc:
+        raise VGSError(f"cannot read a training config from {path!r}: {exc}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ckpt = train(config_from_args(args))
+        if args.config_json:
+            cfg = load_config_json(args.config_json)
+        else:
+            missing = [f"--{k}" for k in ("data", "init", "out") if not getattr(args, k)]
+            if missing:
+                raise VGSError(f"missing {', '.join(missing)}")
+            cfg = config_from_args(args)
+        ckpt = train(cfg)
     except VGSError as exc:
         print(f"value_models.train: error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0 and ckpt:
-        done = final_model(args.out) is not None
+        done = final_model(cfg.out) is not None
         print(f"[train] {'done' if done else 'stopped; continue with --resume'}: {ckpt}", flush=True)
     return 0
 

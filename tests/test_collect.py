@@ -1,0 +1,271 @@
+"""Value-data collection (`vgs collect`) and Q# rounds (`vgs train-rounds`).
+
+Control flow (labels 0/1/2, mixtures, drop filter, resume, crash between shard and manifest)
+runs on a scripted fake engine whose answers the test knows; the pipeline itself runs end to
+end through real vLLM on the tiny policy and real MATH-500 problems, including Q#-guided
+roll-ins with a value model trained by this pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vgs.engine import GenSample
+from vgs.errors import VGSError
+from value_models.collect import (CollectConfig, RollInPolicy, collect, load_problems, parse_policy,
+                                  switch_point)
+
+EOS = 151643
+
+
+def _rows(out: str | Path) -> pd.DataFrame:
+    files = sorted(Path(out, "data").glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+
+
+def _math500(data_dir: str, tmp_path: Path, n: int) -> str:
+    """The first n MATH-500 problems as a JSONL file (a user-supplied problem file)."""
+    path = tmp_path / "problems.jsonl"
+    with open(os.path.join(data_dir, "math500.jsonl")) as f, open(path, "w") as g:
+        for _, line in zip(range(n), f):
+            g.write(line)
+    return str(path)
+
+
+class ScriptedEngine:
+    """Roll-ins: a fixed reasoning text + EOS. Roll-outs: outcome by the child's seed, so the
+    test can recompute every label: seed % 3 == 0 -> boxed gold + EOS (1), == 1 -> boxed wrong
+    + EOS (0), == 2 -> no EOS, "length" (2). Problems whose id is in `always_right` always get
+    the gold (their labels never vary)."""
+
+    def __init__(self, tokenizer, golds: dict[tuple[int, ...], str], always_right=(), name="ref"):
+        self.tok, self.golds, self.always_right, self.name = tokenizer, golds, set(always_right), name
+        self.eos_ids, self.num_params = [EOS], 1
+        self.calls: list[int] = []
+        self.closed = False
+
+    def _gold(self, prompt: list[int]) -> tuple[str, bool]:
+        for p, (gold, pid) in self.golds.items():
+            if tuple(prompt[: len(p)]) == p:
+                return gold, pid in self.always_right
+        raise AssertionError("unknown prompt")
+
+    def generate(self, requests, sampling, progress=False):
+        assert not self.closed
+        self.calls.append(len(requests))
+        enc = lambda s: self.tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        out = []
+        for r in requests:
+            gold, right = self._gold(r.prompt_ids)
+            samples = []
+            for i in range(r.n):
+                s = (r.seed or 0) + i
+                if r.n == 1:  # a roll-in (these tests always ask for 2 roll-outs per prefix)
+                    samples.append(GenSample(enc(f"{self.name} thinks step by step about it.") + [EOS], "stop"))
+                elif right or s % 3 == 0:
+                    samples.append(GenSample(enc(f" so \\boxed{{{gold}}}") + [EOS], "stop"))
+                elif s % 3 == 1:
+                    samples.append(GenSample(enc(" so \\boxed{-12345}") + [EOS], "stop"))
+                else:
+                    samples.append(GenSample(enc(" and then")[: r.max_tokens], "length"))
+            out.append(samples)
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def scripted(tmp_path, data_dir, tokenizer_dir):
+    from vgs.prompts import load_tokenizer, prompt_ids
+
+    problems_file = _math500(data_dir, tmp_path, 5)
+    tok = load_tokenizer(tokenizer_dir)
+    cfg0 = CollectConfig(problems=problems_file, out="x", ref=tokenizer_dir)
+    probs = load_problems(cfg0)
+    golds = {tuple(prompt_ids(tok, p.problem)): (p.answer, p.id) for p in probs}
+
+    def make(**kw):
+        engines: list[ScriptedEngine] = []
+        always_right = kw.pop("always_right", ())
+
+        def factory(model):
+            e = ScriptedEngine(tok, golds, always_right, name=os.path.basename(model))
+            engines.append(e)
+            return e, True
+
+        cfg = CollectConfig(problems=problems_file, out=str(tmp_path / "out"), ref=tokenizer_dir, samples_per_problem=3,
+                            roll_outs=2, max_tokens=200, chunk_size=2, progress=False)
+        for k, v in kw.items():
+            setattr(cfg, k, v)
+        return cfg, factory, engines
+
+    return make, probs, tok
+
+
+def test_labels_prefixes_and_manifest(scripted):
+    make, probs, tok = scripted
+    from vgs.prompts import prompt_ids
+
+    cfg, factory, engines = make()
+    manifest = collect(cfg, factory)
+    df = _rows(cfg.out)
+    assert len(df) == 5 * 3 * 2 and manifest["complete"] and manifest["totals"]["rows"] == 30
+    assert len(engines) == 1 and engines[0].closed  # one policy = pi_ref: one engine for both
+    assert not df.duplicated(["problem_id", "roll_in_index", "roll_out_index"]).any()
+    by_id = {p.id: p for p in probs}
+    for r in df.itertuples():
+        prompt = prompt_ids(tok, by_id[r.problem_id].problem)
+        assert list(r.roll_in_ids[: r.prompt_len]) == prompt
+        assert len(r.roll_in_ids) - r.prompt_len == r.switch < r.roll_in_gen_len
+        assert r.roll_in_ids[-1] != EOS  # the EOS of a finished roll-in is never kept
+        expected = {0: 1, 1: 0, 2: 2}[r.seed_roll_out % 3]
+        assert r.label == expected, (r.label, r.pred, r.answer)
+        assert (r.label == 2) == (r.roll_out_finish == "length")
+        if r.label == 1:
+            assert r.pred == r.answer
+    assert set(df.label) == {0, 1, 2}
+    assert manifest["totals"]["labels"] == [int((df.label == c).sum()) for c in range(3)]
+    on_disk = json.loads(Path(cfg.out, "manifest.json").read_text())
+    assert on_disk["num_chunks"] == 3 and on_disk["fingerprint"]["samples_per_problem"] == 3
+
+
+def test_resume_without_duplicates_and_crash_between_shard_and_manifest(scripted, monkeypatch):
+    make, _, _ = scripted
+    cfg, factory, _ = make()
+    m = collect(dataclass_replace(cfg, max_chunks=1), factory)
+    assert not m["complete"] and len(m["chunks"]) == 1
+    # crash right after chunk 1's shard is on disk but before the manifest records it
+    from value_models import collect as mod
+
+    real = mod.Manifest.record
+
+    def crash(self, k, entry):
+        if k == 1:
+            raise KeyboardInterrupt
+        real(self, k, entry)
+
+    monkeypatch.setattr(mod.Manifest, "record", crash)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg, factory)
+    monkeypatch.setattr(mod.Manifest, "record", real)
+    assert Path(cfg.out, "data", "part-00001.parquet").exists()
+    m = collect(cfg, factory)
+    df = _rows(cfg.out)
+    assert m["complete"] and len(df) == 30
+    assert not df.duplicated(["problem_id", "roll_in_index", "roll_out_index"]).any()
+    # identical to an uninterrupted run
+    cfg2, factory2, _ = make(out=cfg.out + "-full")
+    collect(cfg2, factory2)
+    cols = ["problem_id", "roll_in_index", "roll_out_index", "label", "switch"]
+    full = _rows(cfg2.out)[cols].sort_values(cols[:3]).reset_index(drop=True)
+    assert full.equals(df[cols].sort_values(cols[:3]).reset_index(drop=True))
+    # nothing left to do; changed settings are refused
+    assert collect(cfg, factory)["complete"]
+    with pytest.raises(VGSError, match="different settings"):
+        collect(dataclass_replace(cfg, roll_outs=3), factory)
+
+
+def test_drop_no_variation(scripted):
+    make, probs, _ = scripted
+    right = (probs[0].id, probs[3].id)
+    cfg, factory, _ = make(drop_no_variation=True, always_right=right)
+    m = collect(cfg, factory)
+    df = _rows(cfg.out)
+    cfg_all, factory_all, _ = make(always_right=right, out=cfg.out + "-all")
+    collect(cfg_all, factory_all)
+    full = _rows(cfg_all.out)
+    varied = {pid for pid, g in full.groupby("problem_id") if g.label.eq(1).nunique() == 2}
+    assert not varied & set(right) and set(df.problem_id) == varied
+    assert len(df) == len(full[full.problem_id.isin(varied)])
+    assert m["totals"]["problems_dropped"] == 5 - len(varied) >= 2
+
+
+def test_policy_mixture_uses_engines_one_after_another(scripted, tokenizer_dir, tmp_path):
+    make, _, _ = scripted
+    other = tmp_path / "other-policy"
+    other.mkdir()
+    for f in os.listdir(tokenizer_dir):  # same tokenizer, different "model"
+        os.symlink(os.path.join(tokenizer_dir, f), other / f)
+    cfg, factory, engines = make(roll_in=[RollInPolicy(str(other), 3.0), RollInPolicy(tokenizer_dir, 1.0)],
+                                 samples_per_problem=8, switch="sqrt")
+    collect(cfg, factory)
+    assert [e.name for e in engines] == ["other-policy", os.path.basename(tokenizer_dir)]
+    assert engines[0].closed and engines[1].closed
+    df = _rows(cfg.out)
+    share = (df.policy == "other-policy").mean()
+    assert 0.5 < share < 0.95  # weight 3:1
+    assert len(df) == 5 * 8 * 2 and not Path(cfg.out, ".staging").exists()
+    texts = {p: df[df.policy == p].roll_in_ids.iloc[0] for p in set(df.policy)}
+    assert len(texts) == 2
+
+
+def test_switch_points_and_policy_parsing():
+    rng = np.random.default_rng(0)
+    u = [switch_point(100, "uniform", rng) for _ in range(4000)]
+    s = [switch_point(100, "sqrt", rng) for _ in range(4000)]
+    assert min(u) == 0 and max(u) == 99 and 0 <= min(s) and max(s) <= 99
+    assert abs(np.mean(u) - 49.5) < 2.5
+    w = 1 / np.sqrt(np.arange(1, 101))
+    assert abs(np.mean(s) - (np.arange(100) * w).sum() / w.sum()) < 2.5  # E[p] under P(p) ~ (p+1)^-1/2
+    assert switch_point(1, "uniform", rng) == 0
+    assert parse_policy("/m/a=0.25") == RollInPolicy("/m/a", 0.25, "a")
+    assert parse_policy("org/model").weight == 1.0
+    with pytest.raises(VGSError):
+        parse_policy("/m/a=x")
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    from vgs.cli import main
+
+    out = str(tmp_path / "o")
+    assert main(["collect", "--problems", "/no/such.jsonl", "--out", out, "--ref", "/no/model"]) == 2
+    assert main(["collect", "--problems", "x.jsonl", "--out", out, "--ref", "m", "--roll-outs", "0"]) == 2
+    assert main(["collect", "--problems", "x.jsonl", "--out", out, "--roll-in", "a", "--roll-in", "b"]) == 2
+    assert "--ref" in capsys.readouterr().err
+    assert main(["train-rounds", "--problems", "x.jsonl", "--out", out, "--ref", "m", "--rounds", "0"]) == 2
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+# ------------------------------------------------------------------------------- real vLLM
+
+
+@pytest.mark.vllm
+def test_collect_end_to_end_vllm(policy_engine, tiny_policy, data_dir, tmp_path, tokenizer_dir):
+    from value_models.data import ValueDataset, collate
+    from vgs.prompts import load_tokenizer, prompt_ids
+
+    problems = _math500(data_dir, tmp_path, 3)
+    factory = lambda model: (policy_engine, False)  # noqa: E731 - the session engine, not closed
+    cfg = CollectConfig(problems=problems, out=str(tmp_path / "c"), ref=tiny_policy, samples_per_problem=2, roll_outs=2,
+                        max_tokens=24, chunk_size=2, progress=False)
+    m = collect(dataclass_replace(cfg, max_chunks=1), factory)
+    assert not m["complete"] and len(_rows(cfg.out)) == 2 * 2 * 2
+    m = collect(cfg, factory)
+    df = _rows(cfg.out)
+    assert m["complete"] and len(df) == 3 * 2 * 2
+    assert not df.duplicated(["problem_id", "roll_in_index", "roll_out_index"]).any()
+    assert set(df.label) <= {0, 1, 2} and ((df.label == 2) == (df.roll_out_finish != "stop")).all()
+    tok = load_tokenizer(tokenizer_dir)
+    probs = {p.id: p for p in load_problems(cfg)}
+    for r in df.itertuples():
+        assert list(r.roll_in_ids[: r.prompt_len]) == prompt_ids(tok, probs[r.problem_id].problem)
+        assert r.switch + r.roll_out_len <= 24 and r.roll_out_len >= 1
+    # the rows train as intended: loss mask 0 on prompt + roll-in, 1 on roll-out tokens
+    ds = ValueDataset(cfg.out, max_length=4096)
+    assert len(ds) == len(df)
+    i = int(np.argmax(ds.roll_out_lens))
+    e = ds[i]
+    b = collate([e], pad_id=0)
+    assert b.loss_mask[0].sum() == ds.roll_out_lens[i]
+    assert b.loss_mask[0, : e.out_start].sum() == 0 and e.out_start == ds.roll_in_lens[i]

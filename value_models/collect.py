@@ -1,0 +1,647 @@
+"""`vgs collect`: roll-in / roll-out data for training a token-level value model.
+
+For every problem, `--samples-per-problem` roll-ins are sampled to completion (or the length
+cap) from a mixture of roll-in policies. Each roll-in is cut at a switch point p (its first p
+generated tokens are kept) and the reference policy pi_ref continues from exactly those token
+ids, `--roll-outs` times. Each roll-out is labelled from prefix + roll-out text:
+
+    0 = finished (vLLM finish_reason "stop") with a wrong or missing answer
+    1 = finished with an answer math-verify finds equivalent to the gold answer
+    2 = unfinished: the `--max-tokens` cap (prefix + roll-out tokens) was reached
+
+so the label estimates what pi_ref would do from the prefix, the value the model learns.
+
+Switch points, for a roll-in of L generated tokens (p = 0 keeps only the prompt; a finished
+roll-in's EOS is never kept, so every roll-out has room to run):
+
+    uniform:  P(p) = 1 / L                                 for p in {0, ..., L-1}
+    sqrt:     P(p) = (p + 1)^(-1/2) / sum_q (q + 1)^(-1/2)  for p in {0, ..., L-1}
+
+The published data used a "square-root weighted" choice whose formula is not public. Ours
+leans toward early cuts because every roll-out token is supervised: a cut at p already
+trains positions p..end, so late positions are covered by many roll-outs while early ones
+are covered only by early cuts; 1/sqrt(p+1) halves that imbalance without piling cuts at 0.
+
+Q# mode (`--guide-value-model`): roll-ins are sampled with the Q#-guided pi (the guidance
+logits processor with that value model), roll-outs with unguided pi_ref (what the Q# data
+collection does from its second round on).
+
+Output: `OUT/data/part-NNNNN.parquet` shards (one row per problem x roll-in x roll-out, columns in
+`value_models/data.py`) and `OUT/manifest.json`. Problems are processed in chunks; a chunk's
+shard is written (temp file + rename) before the manifest records it, so a killed run
+restarts at the first unrecorded chunk and never duplicates rows. Several roll-in policies
+mean several engines: the others are run first, one at a time, their roll-ins staged in
+`OUT/.staging/`, and pi_ref's engine last (it also does its own roll-ins); with a single
+roll-in policy equal to pi_ref one engine does everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from vgs.engine import GenRequest
+from vgs.errors import VGSError
+from vgs.prompts import DEFAULT_USER_TEMPLATE
+
+FORMAT = "vgs-value-data/1"
+SWITCH_MODES = ("uniform", "sqrt")
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+STAGING = ".staging"
+
+
+@dataclass
+class Problem:
+    id: str
+    problem: str
+    answer: str
+
+
+@dataclass
+class RollInPolicy:
+    model: str
+    weight: float = 1.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = os.path.basename(self.model.rstrip("/")) or self.model
+
+
+def parse_policy(spec: str) -> RollInPolicy:
+    """`PATH` or `PATH=WEIGHT` (weights are relative; they need not sum to 1)."""
+    model, sep, weight = spec.rpartition("=") if "=" in spec else (spec, "", "")
+    if not sep:
+        return RollInPolicy(spec)
+    try:
+        w = float(weight)
+    except ValueError:
+        raise VGSError(f"bad --roll-in {spec!r}: expected PATH or PATH=WEIGHT") from None
+    return RollInPolicy(model, w)
+
+
+@dataclass
+class CollectConfig:
+    problems: str
+    out: str
+    roll_in: list[RollInPolicy] = field(default_factory=list)
+    ref: str | None = None
+    samples_per_problem: int = 4
+    roll_outs: int = 1
+    switch: str = "uniform"
+    max_tokens: int = 16384
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int = 0
+    round: int = 1
+    chunk_size: int = 32
+    limit: int | None = None
+    split: str = "train"
+    data_dir: str | None = None
+    problem_field: str | None = None
+    answer_field: str | None = None
+    id_field: str | None = None
+    drop_no_variation: bool = False
+    guide_value_model: str | None = None
+    guide_method: str = "qsharp"
+    guide_eta: float = 0.1
+    guide_top_k: int = 20
+    user_template: str = DEFAULT_USER_TEMPLATE
+    kv_cache_gib: float | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_chunks: int | None = None
+    progress: bool = True
+
+    @property
+    def ref_model(self) -> str:
+        return self.ref or self.roll_in[0].model
+
+    def validate(self) -> "CollectConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise VGSError(msg)
+
+        need(bool(self.problems), "--problems is required")
+        need(bool(self.out), "--out is required")
+        need(bool(self.roll_in) or bool(self.ref), "give --ref (pi_ref) and/or --roll-in policies")
+        if not self.roll_in:
+            self.roll_in = [RollInPolicy(self.ref)]
+        need(len(self.roll_in) == 1 or bool(self.ref), "with several --roll-in policies, name pi_ref with --ref")
+        need(all(p.weight > 0 for p in self.roll_in), "roll-in mixture weights must be > 0")
+        need(len({p.name for p in self.roll_in}) == len(self.roll_in), "roll-in policy names must be distinct")
+        need(self.samples_per_problem >= 1, f"--samples-per-problem must be >= 1, got {self.samples_per_problem}")
+        need(self.roll_outs >= 1, f"--roll-outs must be >= 1, got {self.roll_outs}")
+        need(self.switch in SWITCH_MODES, f"--switch must be one of {', '.join(SWITCH_MODES)}, got {self.switch!r}")
+        need(self.max_tokens >= 2, f"--max-tokens must be >= 2, got {self.max_tokens}")
+        need(self.temperature >= 0 and 0 < self.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]")
+        need(self.seed >= 0 and self.round >= 1, "--seed must be >= 0 and --round >= 1")
+        need(self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}")
+        need(self.limit is None or self.limit >= 1, "--limit must be >= 1")
+        need(self.max_chunks is None or self.max_chunks >= 1, "--max-chunks must be >= 1")
+        if self.guide_value_model:
+            from vgs.guidance.params import GuideParams, parse_guide_params
+
+            try:
+                parse_guide_params(GuideParams(self.guide_method, self.guide_value_model, self.guide_eta,
+                                               self.guide_top_k).to_extra_args())
+            except ValueError as exc:
+                raise VGSError(f"bad guidance settings: {exc}") from None
+        return self
+
+    def guidance(self) -> dict[str, Any] | None:
+        if not self.guide_value_model:
+            return None
+        from vgs.guidance.params import GuideParams
+
+        return GuideParams(self.guide_method, self.guide_value_model, self.guide_eta, self.guide_top_k).to_extra_args()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What determines the data: a resumed run must agree on all of it."""
+        keep = ("problems", "split", "limit", "samples_per_problem", "roll_outs", "switch", "max_tokens", "temperature",
+                "top_p", "seed", "round", "chunk_size", "drop_no_variation", "guide_value_model", "guide_method",
+                "guide_eta", "guide_top_k", "user_template", "problem_field", "answer_field", "id_field")
+        d = {k: getattr(self, k) for k in keep}
+        d["roll_in"] = [dataclasses.asdict(p) for p in self.roll_in]
+        d["ref"] = self.ref_model
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# problems
+
+
+def load_problems(cfg: CollectConfig) -> list[Problem]:
+    """A benchmark name (see `benchmarks.datasets`), a local JSONL/JSON/Parquet file or
+    directory, or a Hub dataset id. Fields: `--problem-field` (default problem/question),
+    `--answer-field` (default answer; if there is none but a `solution` column, the last
+    boxed answer of the solution), `--id-field` (default id/unique_id/problem_idx, else the
+    row number)."""
+    import pandas as pd
+
+    try:
+        from benchmarks.datasets import BENCHMARKS, load_benchmark
+    except ImportError:  # benchmarks is optional for collection
+        BENCHMARKS, load_benchmark = {}, None
+    src = cfg.problems
+    if src in BENCHMARKS and not os.path.exists(src):
+        probs = [Problem(p.id, p.problem, p.answer) for p in load_benchmark(src, cfg.data_dir)]
+        return probs[: cfg.limit] if cfg.limit else probs
+    if os.path.exists(src):
+        files = sorted(f for ext in ("parquet", "jsonl", "json") for f in glob.glob(os.path.join(src, f"**/*.{ext}"), recursive=True)) \
+            if os.path.isdir(src) else [src]
+    elif src.startswith((".", "/", "~")) or src.endswith((".jsonl", ".json", ".parquet")):
+        raise VGSError(f"problems file {src!r} does not exist")
+    else:
+        files = _hub_files(src, cfg.split)
+    if not files:
+        raise VGSError(f"no .jsonl/.json/.parquet files in {src!r}")
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f) if f.endswith(".parquet") else pd.read_json(f, lines=f.endswith(".jsonl"), dtype=False))
+        except Exception as exc:  # noqa: BLE001
+            raise VGSError(f"cannot read problems from {f!r}: {exc.__class__.__name__}: {exc}") from exc
+    df = pd.concat(frames, ignore_index=True)
+    return _to_problems(df, cfg, src)
+
+
+def _hub_files(repo: str, split: str) -> list[str]:
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(repo, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl", "*.json"])
+    except Exception as exc:  # noqa: BLE001
+        raise VGSError(f"cannot get dataset {repo!r} from the Hub ({exc.__class__.__name__}); "
+                       f"pass a local JSONL/Parquet file instead") from exc
+    files = [f for f in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True))
+             if f.endswith((".parquet", ".jsonl", ".json")) and not os.path.basename(f).startswith(("dataset_info", "."))]
+    in_split = [f for f in files if split in os.path.relpath(f, root)]
+    return in_split or files
+
+
+def _to_problems(df, cfg: CollectConfig, src: str) -> list[Problem]:
+    from vgs.grading import extract_answer
+
+    lower = {c.lower(): c for c in df.columns}
+
+    def col(explicit: str | None, *fallbacks: str) -> str | None:
+        if explicit:
+            if explicit not in df.columns:
+                raise VGSError(f"{src}: no field {explicit!r}; fields are {', '.join(map(str, df.columns))}")
+            return explicit
+        return next((lower[f] for f in fallbacks if f in lower), None)
+
+    pcol = col(cfg.problem_field, "problem", "question", "prompt")
+    acol = col(cfg.answer_field, "answer", "final_answer", "gold")
+    scol = None if acol else col(None, "solution")
+    icol = col(cfg.id_field, "id", "unique_id", "problem_idx", "problem_id", "message_id")
+    if pcol is None or (acol is None and scol is None):
+        raise VGSError(f"{src}: need a problem field and an answer (or solution) field; found {', '.join(map(str, df.columns))} "
+                       "(choose with --problem-field / --answer-field)")
+    out, skipped = [], 0
+    for k, row in enumerate(df.to_dict("records")):
+        ans = row[acol] if acol else extract_answer(str(row[scol]))
+        if isinstance(ans, float) and ans.is_integer():
+            ans = int(ans)
+        ans = "" if ans is None else str(ans).strip()
+        if not ans:
+            skipped += 1
+            continue
+        out.append(Problem(str(row[icol]) if icol else str(k), str(row[pcol]), ans))
+    if skipped:
+        print(f"[collect] skipped {skipped} problem(s) without a gold answer", file=sys.stderr)
+    ids = [p.id for p in out]
+    if len(set(ids)) != len(ids):
+        raise VGSError(f"{src}: problem ids are not unique (choose another --id-field)")
+    return out[: cfg.limit] if cfg.limit else out
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling plan (deterministic per problem, independent of chunking and restarts)
+
+
+def item_seed(*parts: Any) -> int:
+    h = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def switch_point(length: int, mode: str, rng: np.random.Generator) -> int:
+    """How many generated roll-in tokens to keep (see the module docstring for the formulas)."""
+    if length <= 1:
+        return 0
+    if mode == "uniform":
+        return int(rng.integers(0, length))
+    if mode == "sqrt":
+        w = 1.0 / np.sqrt(np.arange(1, length + 1, dtype=np.float64))
+        return int(rng.choice(length, p=w / w.sum()))
+    raise VGSError(f"unknown switch mode {mode!r}")
+
+
+def assign_policies(cfg: CollectConfig, pid: str) -> list[int]:
+    """Which roll-in policy samples roll-in j of this problem (a categorical draw per roll-in)."""
+    w = np.array([p.weight for p in cfg.roll_in], dtype=np.float64)
+    rng = np.random.default_rng(item_seed(cfg.seed, cfg.round, pid, "policy"))
+    return rng.choice(len(w), size=cfg.samples_per_problem, p=w / w.sum()).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# manifest and files
+
+
+class Manifest:
+    def __init__(self, cfg: CollectConfig, problems: list[Problem]):
+        self.path = os.path.join(cfg.out, MANIFEST)
+        fp = cfg.fingerprint()
+        fp["problem_ids_sha1"] = hashlib.sha1("\n".join(p.id for p in problems).encode()).hexdigest()
+        self.data: dict[str, Any]
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.data = json.load(f)
+            if self.data.get("fingerprint") != fp:
+                old = self.data.get("fingerprint", {})
+                diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+                raise VGSError(f"{cfg.out} holds data collected with different settings ({', '.join(diff)}); "
+                               "re-run with the same settings to resume, or choose a new --out")
+        else:
+            self.data = {"format": FORMAT, "fingerprint": fp, "num_problems": len(problems),
+                         "chunk_size": cfg.chunk_size, "num_chunks": -(-len(problems) // cfg.chunk_size),
+                         "round": cfg.round, "ref": cfg.ref_model, "chunks": {}, "complete": False}
+        self.out = cfg.out
+
+    def done(self, k: int) -> bool:
+        c = self.data["chunks"].get(str(k))
+        return c is not None and (c["file"] is None or os.path.exists(os.path.join(self.out, c["file"])))
+
+    def record(self, k: int, entry: dict) -> None:
+        self.data["chunks"][str(k)] = entry
+        chunks = self.data["chunks"].values()
+        labels = [sum(c["labels"][i] for c in chunks) for i in range(3)]
+        self.data["totals"] = {"rows": sum(c["rows"] for c in chunks), "labels": labels,
+                               "problems_kept": sum(c["problems_kept"] for c in chunks),
+                               "problems_dropped": sum(c["problems_dropped"] for c in chunks)}
+        self.data["complete"] = len(self.data["chunks"]) == self.data["num_chunks"]
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def _schema():
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    return pa.schema([
+        ("problem_id", pa.string()), ("round", pa.int32()), ("policy", pa.string()), ("ref", pa.string()),
+        ("roll_in_index", pa.int32()), ("roll_out_index", pa.int32()), ("prompt_len", pa.int32()),
+        ("roll_in_ids", ids), ("roll_out_ids", ids), ("label", pa.int8()), ("answer", pa.string()),
+        ("pred", pa.string()), ("switch", pa.int32()), ("roll_in_gen_len", pa.int32()),
+        ("roll_in_finish", pa.string()), ("roll_out_len", pa.int32()), ("roll_out_finish", pa.string()),
+        ("seed_roll_in", pa.int64()), ("seed_roll_out", pa.int64()), ("problem", pa.string()),
+    ])
+
+
+def _write_parquet(rows: list[dict] | dict[str, list], path: str, schema=None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=schema) if isinstance(rows, list) else pa.table(rows)
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# engines
+
+
+EngineFactory = Callable[[str], "tuple[Any, bool]"]
+
+
+def default_engine_factory(cfg: CollectConfig) -> EngineFactory:
+    """Build a PolicyEngine per model (returned as owned: the caller closes it). The
+    guidance processor is always loaded, a no-op for unguided requests."""
+
+    def build(model: str):
+        from vgs.config import EngineConfig
+        from vgs.engine import PolicyEngine
+
+        ec = EngineConfig(model=model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, kv_cache_gib=cfg.kv_cache_gib,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed)
+        return PolicyEngine(ec), True
+
+    return build
+
+
+def _close(engine: Any, owned: bool) -> None:
+    if owned and hasattr(engine, "close"):
+        engine.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the collection
+
+
+def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> dict:
+    """Run (or resume) a collection; returns the manifest."""
+    from vgs.config import SamplingConfig
+    from vgs.grading import extract_answer, get_grader
+    from vgs.prompts import decode, load_tokenizer, prompt_ids
+
+    cfg.validate()
+    factory = engine_factory or default_engine_factory(cfg)
+    problems = load_problems(cfg)
+    if not problems:
+        raise VGSError(f"no problems in {cfg.problems!r}")
+    os.makedirs(cfg.out, exist_ok=True)
+    manifest = Manifest(cfg, problems)
+    manifest.save()
+    tok = load_tokenizer(cfg.ref_model)
+    prompts = {p.id: prompt_ids(tok, p.problem, cfg.user_template) for p in problems}
+    _check_tokenizers(cfg, tok)
+    chunks = [problems[i: i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
+    todo = [k for k in range(len(chunks)) if not manifest.done(k)]
+    if cfg.max_chunks:
+        todo = todo[: cfg.max_chunks]
+    if not todo:
+        _report(cfg, manifest, "nothing to do")
+        return manifest.data
+    plan = {p.id: assign_policies(cfg, p.id) for k in todo for p in chunks[k]}
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
+    guidance = cfg.guidance()
+    names = [p.name + (f"+{cfg.guide_method}" if guidance else "") for p in cfg.roll_in]
+    ref = cfg.ref_model
+
+    def roll_in_requests(chunk: list[Problem], policy: int):
+        keys, reqs = [], []
+        for p in chunk:
+            for j, pol in enumerate(plan[p.id]):
+                if pol == policy:
+                    keys.append((p.id, j))
+                    reqs.append(GenRequest(prompts[p.id], cfg.max_tokens, n=1, seed=item_seed(cfg.seed, cfg.round, p.id, j, "in"),
+                                           extra_args=dict(guidance) if guidance else None))
+        return keys, reqs
+
+    # 1. roll-ins of the policies other than pi_ref, one engine at a time, staged on disk
+    staged: dict[tuple[int, int], str] = {}
+    for i, pol in enumerate(cfg.roll_in):
+        if pol.model == ref:
+            continue
+        need = [k for k in todo if any(v == i for p in chunks[k] for v in plan[p.id])]
+        paths = {k: os.path.join(cfg.out, STAGING, f"policy-{i}", f"chunk-{k:05d}.parquet") for k in need}
+        staged.update({(i, k): paths[k] for k in need})
+        missing = [k for k in need if not os.path.exists(paths[k])]
+        if not missing:
+            continue
+        engine, owned = factory(pol.model)
+        try:
+            bar = _bar(cfg, sum(len(chunks[k]) for k in missing), f"roll-in {pol.name}")
+            for k in missing:
+                keys, reqs = roll_in_requests(chunks[k], i)
+                outs = engine.generate(reqs, sampling, progress=False)
+                os.makedirs(os.path.dirname(paths[k]), exist_ok=True)
+                _write_parquet({"problem_id": [a for a, _ in keys], "roll_in_index": [b for _, b in keys],
+                                "ids": [o[0].token_ids for o in outs], "finish": [o[0].finish_reason for o in outs]},
+                               paths[k])
+                bar.update(len(chunks[k]))
+            bar.close()
+        finally:
+            _close(engine, owned)
+
+    # 2. pi_ref: its own roll-ins, then roll-outs from every cut prefix, labels, shards
+    engine, owned = factory(ref)
+    grader = get_grader()
+    bar = _bar(cfg, sum(len(chunks[k]) for k in todo), f"collect round {cfg.round}")
+    try:
+        for k in todo:
+            t0 = time.time()
+            chunk = chunks[k]
+            rollins: dict[tuple[str, int], tuple[list[int], str, int]] = {}
+            for i, pol in enumerate(cfg.roll_in):
+                if pol.model == ref:
+                    keys, reqs = roll_in_requests(chunk, i)
+                    if reqs:
+                        for key, o in zip(keys, engine.generate(reqs, sampling, progress=False)):
+                            rollins[key] = (list(o[0].token_ids), o[0].finish_reason, i)
+                elif (i, k) in staged:
+                    rollins.update(_read_staged(staged[(i, k)], i))
+            out_keys, out_reqs, cuts = [], [], {}
+            for p in chunk:
+                for j in range(cfg.samples_per_problem):
+                    ids, _, _ = rollins[(p.id, j)]
+                    cut = switch_point(len(ids), cfg.switch, np.random.default_rng(item_seed(cfg.seed, cfg.round, p.id, j, "switch")))
+                    cuts[(p.id, j)] = cut
+                    out_keys.append((p.id, j))
+                    out_reqs.append(GenRequest(prompts[p.id] + ids[:cut], cfg.max_tokens - cut, n=cfg.roll_outs,
+                                               seed=item_seed(cfg.seed, cfg.round, p.id, j, "out")))
+            outs = engine.generate(out_reqs, sampling, progress=False)
+            by_id = {p.id: p for p in chunk}
+            rows, texts = [], []
+            for key, req, samples in zip(out_keys, out_reqs, outs):
+                pid, j = key
+                ids, finish, pol = rollins[key]
+                cut = cuts[key]
+                for r, s in enumerate(samples):
+                    texts.append(decode(tok, ids[:cut] + list(s.token_ids)))
+                    rows.append({
+                        "problem_id": pid, "round": cfg.round, "policy": names[pol], "ref": os.path.basename(ref.rstrip("/")) or ref,
+                        "roll_in_index": j, "roll_out_index": r, "prompt_len": len(prompts[pid]),
+                        "roll_in_ids": list(req.prompt_ids), "roll_out_ids": list(s.token_ids), "label": 2,
+                        "answer": by_id[pid].answer, "pred": None, "switch": cut, "roll_in_gen_len": len(ids),
+                        "roll_in_finish": finish, "roll_out_len": len(s.token_ids), "roll_out_finish": s.finish_reason,
+                        "seed_roll_in": item_seed(cfg.seed, cfg.round, pid, j, "in"), "seed_roll_out": req.seed + r,
+                        "problem": by_id[pid].problem})
+            preds = [extract_answer(t) for t in texts]
+            finished = [row["roll_out_finish"] == "stop" for row in rows]
+            pairs = [(row["answer"], pr) for row, pr, fin in zip(rows, preds, finished) if fin]
+            verdicts = iter(grader.equal_many(pairs) if pairs else [])
+            for row, pr, fin in zip(rows, preds, finished):
+                row["pred"] = pr
+                row["label"] = (1 if next(verdicts) else 0) if fin else 2
+            rows, dropped = _drop_no_variation(rows) if cfg.drop_no_variation else (rows, 0)
+            fname = f"{DATA_DIR}/part-{k:05d}.parquet"
+            if rows:
+                os.makedirs(os.path.join(cfg.out, DATA_DIR), exist_ok=True)
+                _write_parquet(rows, os.path.join(cfg.out, fname), _schema())
+            labels = [sum(1 for r in rows if r["label"] == c) for c in range(3)]
+            manifest.record(k, {"file": fname if rows else None, "rows": len(rows), "problems": len(chunk),
+                                "problems_kept": len(chunk) - dropped, "problems_dropped": dropped,
+                                "labels": labels, "seconds": round(time.time() - t0, 2)})
+            bar.update(len(chunk))
+            tot = manifest.data["totals"]
+            bar.set_postfix(rows=tot["rows"], correct=tot["labels"][1], wrong=tot["labels"][0], unfinished=tot["labels"][2])
+    finally:
+        bar.close()
+        _close(engine, owned)
+    if manifest.data["complete"]:
+        shutil.rmtree(os.path.join(cfg.out, STAGING), ignore_errors=True)
+    _report(cfg, manifest, "done" if manifest.data["complete"] else "partial (re-run to continue)")
+    return manifest.data
+
+
+def _read_staged(path: str, policy: int) -> dict[tuple[str, int], tuple[list[int], str, int]]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path).to_pydict()
+    return {(pid, int(j)): (list(ids), fin, policy)
+            for pid, j, ids, fin in zip(t["problem_id"], t["roll_in_index"], t["ids"], t["finish"])}
+
+
+def _drop_no_variation(rows: list[dict]) -> tuple[list[dict], int]:
+    """Drop problems whose roll-outs are all correct or all not correct (nothing to rank)."""
+    correct: dict[str, set[bool]] = {}
+    for r in rows:
+        correct.setdefault(r["problem_id"], set()).add(r["label"] == 1)
+    flat = {pid for pid, s in correct.items() if len(s) < 2}
+    return [r for r in rows if r["problem_id"] not in flat], len(flat)
+
+
+def _check_tokenizers(cfg: CollectConfig, tok: Any) -> None:
+    """Roll-in token ids are fed to pi_ref as they are, so every roll-in policy must share
+    pi_ref's tokenizer."""
+    from vgs.prompts import load_tokenizer
+
+    for pol in cfg.roll_in:
+        if pol.model == cfg.ref_model:
+            continue
+        other = load_tokenizer(pol.model)
+        if len(other) != len(tok) or other.eos_token_id != tok.eos_token_id:
+            raise VGSError(f"roll-in policy {pol.model!r} has a different tokenizer than pi_ref {cfg.ref_model!r}; "
+                           "token ids must mean the same in both")
+
+
+def _bar(cfg: CollectConfig, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="problem", disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _report(cfg: CollectConfig, manifest: Manifest, status: str) -> None:
+    tot = manifest.data.get("totals", {"rows": 0, "labels": [0, 0, 0], "problems_kept": 0, "problems_dropped": 0})
+    print(f"[collect] {status}: {cfg.out} | {tot['rows']} rows | labels wrong/correct/unfinished = "
+          f"{tot['labels'][0]}/{tot['labels'][1]}/{tot['labels'][2]} | problems kept {tot['problems_kept']}, "
+          f"dropped {tot['problems_dropped']} | chunks {len(manifest.data['chunks'])}/{manifest.data['num_chunks']}",
+          file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
+    """Collection flags (shared with `vgs train-rounds`, which sets the guidance itself)."""
+    g = p.add_argument_group("collection")
+    g.add_argument("--problems", required=True, help="benchmark name, JSONL/JSON/Parquet file or dir, or Hub dataset id")
+    g.add_argument("--split", default="train", help="Hub split to read")
+    g.add_argument("--data-dir", default=None, help="local dir for benchmark names (see `vgs eval`)")
+    g.add_argument("--problem-field", default=None)
+    g.add_argument("--answer-field", default=None)
+    g.add_argument("--id-field", default=None)
+    g.add_argument("--limit", type=int, default=None, help="first N problems only")
+    g.add_argument("--ref", default=None, help="pi_ref, the roll-out policy (default: the single --roll-in)")
+    if not rounds:
+        g.add_argument("--roll-in", action="append", default=[], metavar="PATH[=WEIGHT]",
+                       help="roll-in policy and mixture weight; repeat for a mixture (default: pi_ref)")
+    g.add_argument("--samples-per-problem", type=int, default=4, help="roll-ins per problem (published: 14)")
+    g.add_argument("--roll-outs", type=int, default=1, help="pi_ref roll-outs per roll-in prefix (published: 4)")
+    g.add_argument("--switch", default="uniform", choices=SWITCH_MODES, help="switch-point distribution")
+    g.add_argument("--max-tokens", type=int, default=16384, help="cap on generated tokens (prefix + roll-out)")
+    g.add_argument("--temperature", type=float, default=0.6)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chunk-size", type=int, default=32, help="problems per shard (the unit of resume)")
+    g.add_argument("--max-chunks", type=int, default=None, help="stop after this many new chunks (job slicing)")
+    g.add_argument("--drop-no-variation", action="store_true",
+                   help="drop problems whose roll-outs are all correct or all not correct")
+    if not rounds:
+        g.add_argument("--round", type=int, default=1, help="round number stored in the rows")
+        g.add_argument("--guide-value-model", default=None, help="Q# mode: roll in with pi guided by this value model")
+    g.add_argument("--guide-method", default="qsharp", choices=("qsharp", "cd"))
+    g.add_argument("--guide-eta", type=float, default=0.1)
+    g.add_argument("--guide-top-k", type=int, default=20)
+    e = p.add_argument_group("engine")
+    e.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per engine (CPU default 2)")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace, **override: Any) -> CollectConfig:
+    names = {f.name for f in dataclasses.fields(CollectConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw["roll_in"] = [parse_policy(s) for s in getattr(args, "roll_in", []) or []]
+    kw.update(override)
+    return CollectConfig(**kw)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="collect roll-in/roll-out data for value-model training",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output dir: data/part-*.parquet + manifest.json (resumable)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    collect(config_from_args(args))
+    return 0

@@ -57,3 +57,26 @@ def policy_engine(tiny_policy):
     engine = PolicyEngine(EngineConfig(model=tiny_policy, kv_cache_gib=1.0, max_model_len=4096))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_value_scorer(policy_engine, tiny_value, tokenizer_dir):
+    """The one vLLM value scorer of the session. Built after the policy engine, as in
+    production (both live in one process, each with its own KV cache size)."""
+    from vgs.config import EngineConfig
+    from vgs.value import VllmValueScorer
+
+    scorer = VllmValueScorer(EngineConfig(model=tiny_value, tokenizer=tokenizer_dir, kv_cache_gib=0.5,
+                                          max_model_len=4096))
+    yield scorer
+    scorer.close()
+
+
+@pytest.fixture(scope="session")
+def hf_value_scorer(tiny_value):
+    """transformers value scorer on the same tiny model (fp32 on CPU)."""
+    from vgs.value import HFValueScorer
+
+    scorer = HFValueScorer(tiny_value, device="cpu", max_model_len=4096)
+    yield scorer
+    scorer.close()

@@ -173,12 +173,17 @@ class VllmValueScorer:
         from vllm.config import PoolerConfig
 
         self.cfg = cfg
-        kw = vllm_engine_kwargs(cfg)
+        kw = vllm_engine_kwargs(cfg, generate=False)
         if cfg.dtype == "auto":
             # vLLM's "auto" may run an fp32 checkpoint (the published one is fp32) in half
             # precision; pin what the scorer promises: fp32 on CPU, bf16 on GPU.
             kw["dtype"] = "float32" if on_cpu() else "bfloat16"
         if not cfg.tokenizer and not _has_tokenizer(cfg.model):
+            if int(hf_cfg.get("num_labels", len(hf_cfg.get("id2label") or {}) or 3)) == 1:
+                # vLLM turns on its cross-encoder scoring API for 1-label classifiers, and that
+                # loads a tokenizer at start-up.
+                raise VGSError(f"value model {cfg.model!r} has 1 label and ships no tokenizer: pass the "
+                               "policy's tokenizer (--tokenizer) for the vLLM backend")
             kw.pop("tokenizer", None)
             kw["skip_tokenizer_init"] = True
         kw.setdefault("pooler_config", PoolerConfig(task="classify", seq_pooling_type="LAST"))
@@ -222,12 +227,10 @@ class VllmValueScorer:
         self._memo.clear()
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception as exc:  # noqa: BLE001 - best effort at teardown
-                log.debug("value engine shutdown: %s", exc)
+        from vgs.engine import shutdown_llm
+
+        if getattr(self, "llm", None) is not None:
+            shutdown_llm(self.llm)
             self.llm = None
 
 

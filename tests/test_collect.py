@@ -269,3 +269,58 @@ def test_collect_end_to_end_vllm(policy_engine, tiny_policy, data_dir, tmp_path,
     b = collate([e], pad_id=0)
     assert b.loss_mask[0].sum() == ds.roll_out_lens[i]
     assert b.loss_mask[0, : e.out_start].sum() == 0 and e.out_start == ds.roll_in_lens[i]
+
+
+@pytest.mark.vllm
+def test_train_rounds_two_rounds_vllm(policy_engine, tiny_policy, data_dir, tmp_path):
+    """Round 1 rolls in with pi_ref, round 2 with pi_ref guided (Q#) by round 1's model; round 2
+    trains (warm start) on both rounds' data; re-running the command does nothing new."""
+    from value_models.data import ValueDataset
+    from value_models.rounds import RoundsConfig, round_dirs, run_rounds
+    from value_models.train import TrainConfig
+    from vgs.value import HFValueScorer
+
+    problems = _math500(data_dir, tmp_path, 2)
+    factory = lambda model: (policy_engine, False)  # noqa: E731
+    ccfg = CollectConfig(problems=problems, out="-", ref=tiny_policy, samples_per_problem=2, roll_outs=1, max_tokens=16,
+                         chunk_size=2, progress=False, guide_eta=0.01, guide_top_k=5)
+    tcfg = TrainConfig(data=["-"], init=tiny_policy, out="-", steps=2, batch_size=4, micro_batch_size=2, lr=1e-3,
+                       val_fraction=0.0)
+    out = str(tmp_path / "rounds")
+    cfg = RoundsConfig(out=out, rounds=2, collect=ccfg, train=tcfg, warm_start=True)
+    summary = run_rounds(cfg, factory)
+    assert [s["round"] for s in summary] == [1, 2] and summary[1]["guided_by"] == summary[0]["model"]
+    r1, r2 = _rows(round_dirs(out, 1)[0]), _rows(round_dirs(out, 2)[0])
+    assert len(r1) == len(r2) == 4 and (r1.policy == "policy").all() and (r2.policy == "policy+qsharp").all()
+    assert set(r1["round"]) == {1} and set(r2["round"]) == {2}
+    with open(os.path.join(round_dirs(out, 2)[1], "train_config.json")) as f:
+        t2 = json.load(f)
+    assert t2["data"] == [round_dirs(out, 1)[0], round_dirs(out, 2)[0]] and t2["init"] == summary[0]["model"]
+    assert len(ValueDataset(t2["data"])) == 8  # aggregated
+    scorer = HFValueScorer(summary[1]["model"])
+    v = scorer.score([list(r2.roll_in_ids.iloc[0]) + list(r2.roll_out_ids.iloc[0])])
+    assert 0 < v[0] < 1
+    assert json.loads(Path(out, "rounds.json").read_text())[1]["model"] == summary[1]["model"]
+    # guidance really steered the round-2 roll-ins: with eta = 0.01 the Q# offsets (~1/eta) confine
+    # sampling to pi_ref's top-5 tokens, while the near-uniform tiny policy alone almost never
+    # samples from its top 8 (8 / 151936 per token)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+
+    def in_top8(df):
+        hits = []
+        for r in df.itertuples():
+            ids = torch.tensor([list(r.roll_in_ids)])
+            with torch.no_grad():
+                top = lm(ids).logits[0].topk(8, dim=-1).indices
+            hits += [int(ids[0, t]) in top[t - 1].tolist() for t in range(r.prompt_len, ids.shape[1])]
+        return hits
+
+    guided, plain = in_top8(r2), in_top8(r1)
+    assert guided and all(guided), guided
+    assert plain and not any(plain)
+    # re-running the finished command changes nothing
+    again = run_rounds(cfg, factory)
+    assert [s["model"] for s in again] == [s["model"] for s in summary]

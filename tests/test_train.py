@@ -236,6 +236,31 @@ def test_ddp_loss_decreases_and_checkpoint_loads(uninterrupted):
     v = model.predict_values(ids)
     assert torch.isfinite(v).all() and ((v > 0) & (v < 1)).all()
     assert v[0] > v[1]  # label-1 tokens (1500-2000) vs label-0 tokens (1000-1500): the signal was learned
+    from vgs.value import HFValueScorer
+
+    scored = HFValueScorer(str(final)).score(ids.tolist())
+    assert scored == pytest.approx(v.tolist(), abs=1e-4)  # the scorer reads the trained checkpoint
+
+
+def test_single_process_bce_head_packing_checkpointing(train_setup):
+    """One process, no torchrun: 1-label (BCE) head, packed micro-batches, gradient
+    checkpointing, epochs-based length, explicit validation data."""
+    from value_models.modeling import load_value_model
+    from value_models.train import TrainConfig, train
+
+    root, _ = train_setup
+    val = write_synthetic(root / "val" / "v.parquet", n_problems=4, seed=9)
+    out = root / "bce"
+    ckpt = train(TrainConfig(data=[str(root / "data")], val_data=[str(val)], init=str(root / "init"), out=str(out),
+                             num_labels=1, epochs=0.5, batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=0,
+                             pack=True, grad_checkpointing=True))
+    rows = _losses(out)
+    assert len(rows) == 3 and all(math.isfinite(float(v)) for _, v in rows)  # 96 seqs / 16 * 0.5
+    with open(out / "val_log.csv") as f:
+        val_rows = list(csv.DictReader(f))
+    assert int(val_rows[-1]["val_seqs"]) == 16 and 0 <= float(val_rows[-1]["auc"]) <= 1
+    m = load_value_model(ckpt)
+    assert m.config.num_labels == 1 and m.score[2].weight.shape[0] == 1
 
 
 def test_killed_run_resumes_with_identical_losses(train_setup, uninterrupted):

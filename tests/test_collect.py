@@ -205,6 +205,24 @@ def test_policy_mixture_uses_engines_one_after_another(scripted, tokenizer_dir, 
     assert len(texts) == 2
 
 
+def test_shards_share_one_output(scripted):
+    make, _, _ = scripted
+    cfg, factory, _ = make()
+    for i in (1, 0):  # two processes (e.g. one per GPU), any order, one --out
+        m = collect(dataclass_replace(cfg, num_shards=2, shard_index=i), factory)
+        assert m["complete"] and m["num_chunks"] == (2 if i == 0 else 1)
+    assert sorted(p.name for p in Path(cfg.out).glob("manifest*.json")) == ["manifest-000-of-002.json",
+                                                                            "manifest-001-of-002.json"]
+    df = _rows(cfg.out)
+    cfg1, factory1, _ = make(out=cfg.out + "-one")
+    collect(cfg1, factory1)
+    cols = ["problem_id", "roll_in_index", "roll_out_index", "label", "switch"]
+    one = _rows(cfg1.out)[cols].sort_values(cols[:3]).reset_index(drop=True)
+    assert one.equals(df[cols].sort_values(cols[:3]).reset_index(drop=True))
+    with pytest.raises(VGSError, match="shard-index"):
+        collect(dataclass_replace(cfg, num_shards=2, shard_index=2), factory)
+
+
 def test_switch_points_and_policy_parsing():
     rng = np.random.default_rng(0)
     u = [switch_point(100, "uniform", rng) for _ in range(4000)]

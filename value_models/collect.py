@@ -29,7 +29,9 @@ collection does from its second round on).
 Output: `OUT/data/part-NNNNN.parquet` shards (one row per problem x roll-in x roll-out, columns in
 `value_models/data.py`) and `OUT/manifest.json`. Problems are processed in chunks; a chunk's
 shard is written (temp file + rename) before the manifest records it, so a killed run
-restarts at the first unrecorded chunk and never duplicates rows. Several roll-in policies
+restarts at the first unrecorded chunk and never duplicates rows. `--num-shards N
+--shard-index i` lets N processes (one per GPU or node) share one output: shard i owns chunks
+i, i+N, ... and keeps its own `manifest-III-of-NNN.json`. Several roll-in policies
 mean several engines: the others are run first, one at a time, their roll-ins staged in
 `OUT/.staging/`, and pi_ref's engine last (it also does its own roll-ins); with a single
 roll-in policy equal to pi_ref one engine does everything.
@@ -43,7 +45,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ class CollectConfig:
     tensor_parallel_size: int = 1
     dtype: str = "auto"
     max_chunks: int | None = None
+    num_shards: int = 1
+    shard_index: int = 0
     progress: bool = True
 
     @property
@@ -153,6 +156,8 @@ class CollectConfig:
         need(self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}")
         need(self.limit is None or self.limit >= 1, "--limit must be >= 1")
         need(self.max_chunks is None or self.max_chunks >= 1, "--max-chunks must be >= 1")
+        need(self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
+             f"--shard-index must be in [0, --num-shards) = [0, {self.num_shards}), got {self.shard_index}")
         if self.guide_value_model:
             from vgs.guidance.params import GuideParams, parse_guide_params
 
@@ -303,9 +308,22 @@ def assign_policies(cfg: CollectConfig, pid: str) -> list[int]:
 # manifest and files
 
 
+def manifest_name(num_shards: int = 1, shard_index: int = 0) -> str:
+    """`manifest.json`, or `manifest-III-of-NNN.json` for one of several shards."""
+    return MANIFEST if num_shards == 1 else f"manifest-{shard_index:03d}-of-{num_shards:03d}.json"
+
+
+def shard_chunks(num_chunks: int, num_shards: int, shard_index: int) -> list[int]:
+    """The chunks a shard owns: every num_shards-th, starting at shard_index."""
+    return list(range(shard_index, num_chunks, num_shards))
+
+
 class Manifest:
+    """What a collection (or one shard of it) has finished: its settings, and per chunk the
+    shard file and counts. Saved after every chunk (temp file + rename)."""
+
     def __init__(self, cfg: CollectConfig, problems: list[Problem]):
-        self.path = os.path.join(cfg.out, MANIFEST)
+        self.path = os.path.join(cfg.out, manifest_name(cfg.num_shards, cfg.shard_index))
         fp = cfg.fingerprint()
         fp["problem_ids_sha1"] = hashlib.sha1("\n".join(p.id for p in problems).encode()).hexdigest()
         self.data: dict[str, Any]
@@ -319,7 +337,9 @@ class Manifest:
                                "re-run with the same settings to resume, or choose a new --out")
         else:
             self.data = {"format": FORMAT, "fingerprint": fp, "num_problems": len(problems),
-                         "chunk_size": cfg.chunk_size, "num_chunks": -(-len(problems) // cfg.chunk_size),
+                         "chunk_size": cfg.chunk_size, "num_shards": cfg.num_shards, "shard_index": cfg.shard_index,
+                         "num_chunks": len(shard_chunks(-(-len(problems) // cfg.chunk_size), cfg.num_shards,
+                                                        cfg.shard_index)),
                          "round": cfg.round, "ref": cfg.ref_model, "chunks": {}, "complete": False}
         self.out = cfg.out
 
@@ -418,7 +438,7 @@ def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> 
     prompts = {p.id: prompt_ids(tok, p.problem, cfg.user_template) for p in problems}
     _check_tokenizers(cfg, tok)
     chunks = [problems[i: i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
-    todo = [k for k in range(len(chunks)) if not manifest.done(k)]
+    todo = [k for k in shard_chunks(len(chunks), cfg.num_shards, cfg.shard_index) if not manifest.done(k)]
     if cfg.max_chunks:
         todo = todo[: cfg.max_chunks]
     if not todo:
@@ -525,16 +545,26 @@ def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> 
             manifest.record(k, {"file": fname if rows else None, "rows": len(rows), "problems": len(chunk),
                                 "problems_kept": len(chunk) - dropped, "problems_dropped": dropped,
                                 "labels": labels, "seconds": round(time.time() - t0, 2)})
+            for (i, kk), path in staged.items():  # consumed: other shards never read it
+                if kk == k and os.path.exists(path):
+                    os.remove(path)
             bar.update(len(chunk))
             tot = manifest.data["totals"]
             bar.set_postfix(rows=tot["rows"], correct=tot["labels"][1], wrong=tot["labels"][0], unfinished=tot["labels"][2])
     finally:
         bar.close()
         _close(engine, owned)
-    if manifest.data["complete"]:
-        shutil.rmtree(os.path.join(cfg.out, STAGING), ignore_errors=True)
+    _remove_empty_dirs(os.path.join(cfg.out, STAGING))
     _report(cfg, manifest, "done" if manifest.data["complete"] else "partial (re-run to continue)")
     return manifest.data
+
+
+def _remove_empty_dirs(root: str) -> None:
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
 
 
 def _read_staged(path: str, policy: int) -> dict[tuple[str, int], tuple[list[int], str, int]]:
@@ -609,6 +639,10 @@ def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chunk-size", type=int, default=32, help="problems per shard (the unit of resume)")
     g.add_argument("--max-chunks", type=int, default=None, help="stop after this many new chunks (job slicing)")
+    if not rounds:
+        g.add_argument("--num-shards", type=int, default=1,
+                       help="split the chunks over N independent processes (e.g. one per GPU) writing to one --out")
+        g.add_argument("--shard-index", type=int, default=0, help="which shard this process is, 0..N-1")
     g.add_argument("--drop-no-variation", action="store_true",
                    help="drop problems whose roll-outs are all correct or all not correct")
     if not rounds:

@@ -153,6 +153,14 @@ def _has_tokenizer(path: str) -> bool:
         os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
+class _ChatWarmupFilter(logging.Filter):
+    """vLLM warms up a chat template at start even without a tokenizer and logs the failure
+    with a traceback; with ids in and no tokenizer that is expected, so it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
+
+
 class VllmValueScorer:
     """The value model in a `vllm.LLM(runner="pooling")` classify engine with prefix caching.
 
@@ -187,7 +195,15 @@ class VllmValueScorer:
             kw.pop("tokenizer", None)
             kw["skip_tokenizer_init"] = True
         kw.setdefault("pooler_config", PoolerConfig(task="classify", seq_pooling_type="LAST"))
-        self.llm = LLM(runner="pooling", **kw)
+        quiet = _ChatWarmupFilter() if kw.get("skip_tokenizer_init") else None
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        if quiet:
+            renderer_log.addFilter(quiet)
+        try:
+            self.llm = LLM(runner="pooling", **kw)
+        finally:
+            if quiet:
+                renderer_log.removeFilter(quiet)
         mc = self.llm.llm_engine.model_config
         self.max_model_len = int(mc.max_model_len)
         self.vocab_size = int(hf_cfg.get("vocab_size") or mc.get_vocab_size())

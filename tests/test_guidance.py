@@ -37,6 +37,18 @@ def test_qsharp_offsets_match_closed_form_and_table():
     assert t.tolist() == pytest.approx([5.40, 9.31], abs=0.01)
 
 
+def test_two_stage_top_k_equals_torch_topk():
+    g = torch.Generator().manual_seed(9)
+    for vocab in (151936, 151937, 3000, 50):
+        for k in (1, 20, 50):
+            x = torch.randn(3, vocab, generator=g)
+            x[0] = float("-inf")
+            x[0, 7] = 0.0  # one finite entry, ties among the rest
+            got, want = core.top_k_candidates(x, k), torch.topk(x, k).indices
+            assert torch.equal(x.gather(1, got), x.gather(1, want)), (vocab, k)
+            assert torch.equal(got[1:], want[1:])
+
+
 def test_guided_distribution_equals_formula():
     """softmax(logits + offsets) is π_ref · E[exp(Z/η)] renormalised, per row, with per-row η."""
     g = torch.Generator().manual_seed(0)

@@ -15,6 +15,8 @@ happens here once for both runners.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,9 @@ class Guide:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self._reports = _writes_reports()
+        # Optional profiling: `VGS_GUIDANCE_TIMING=/path` appends "rows seconds" per guided step
+        # (what benchmarks/qsharp_overhead.py reads to split the step time).
+        self._timing = os.environ.get("VGS_GUIDANCE_TIMING") or None
 
     # ---- request lifecycle --------------------------------------------------------------
     def start(self, sampling_params: Any) -> GuidedRequest | None:
@@ -92,6 +97,17 @@ class Guide:
         """Add the guidance offsets to `logits[rows]` in place (other rows untouched)."""
         if not rows:
             return logits
+        t0 = time.perf_counter() if self._timing else 0.0
+        self._apply(logits, rows, reqs, new_tokens, positions)
+        if self._timing:
+            if logits.device.type == "cuda":
+                torch.cuda.synchronize(logits.device)
+            with open(self._timing, "a") as f:
+                f.write(f"{len(rows)} {time.perf_counter() - t0:.6f}\n")
+        return logits
+
+    def _apply(self, logits: torch.Tensor, rows: list[int], reqs: list[GuidedRequest],
+               new_tokens: list[list[int]], positions: list[int]) -> None:
         feed = []
         for req, new in zip(reqs, new_tokens):
             if not new:
@@ -145,4 +161,3 @@ class Guide:
             core.add_offsets(logits, cand, offs)
         else:
             logits.index_put_((rows_t[:, None].expand_as(cand), cand), offs.to(logits.dtype), accumulate=True)
-        return logits

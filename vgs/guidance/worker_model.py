@@ -80,6 +80,7 @@ class CachedValueModel:
         self.num_kv_heads = int(cfg.num_key_value_heads)
         self.scaling = float(attn.scaling)
         self.num_params = int(sum(p.numel() for p in hf.parameters()))
+        self._fuse_projections()
         # Histogram value models: num_labels atoms evenly spaced on [0, 1] (the Q♯ `mle` head).
         self.histogram = bool(getattr(cfg, "value_head", "") == "histogram") or histogram_atoms is not None
         if self.histogram:
@@ -92,6 +93,32 @@ class CachedValueModel:
         self._free: list[int] = []
         self.lens: list[int] = []  # tokens in each row's cache
         self.tokens_computed = 0  # every token run through the backbone, for FLOP accounting
+
+    def _fuse_projections(self) -> None:
+        """One matmul for q/k/v and one for gate/up per layer (fewer, larger ops: per-op overhead
+        dominates small batches on CPU). The HF modules' weights become views of the fused
+        tensors, so memory is not doubled and the HF forward still works."""
+        self._qkv: list[tuple[torch.Tensor, torch.Tensor | None, list[int]]] = []
+        self._gate_up: list[tuple[torch.Tensor, int]] = []
+        with torch.no_grad():
+            for layer in self.layers:
+                a, mlp = layer.self_attn, layer.mlp
+                projs = (a.q_proj, a.k_proj, a.v_proj)
+                w = torch.cat([p.weight for p in projs]).contiguous()
+                b = torch.cat([p.bias for p in projs]).contiguous() if all(p.bias is not None for p in projs) else None
+                sizes = [p.weight.shape[0] for p in projs]
+                start = 0
+                for p, n in zip(projs, sizes):
+                    p.weight = torch.nn.Parameter(w[start:start + n], requires_grad=False)
+                    if b is not None:
+                        p.bias = torch.nn.Parameter(b[start:start + n], requires_grad=False)
+                    start += n
+                self._qkv.append((w, b, sizes))
+                gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+                n = mlp.gate_proj.weight.shape[0]
+                mlp.gate_proj.weight = torch.nn.Parameter(gu[:n], requires_grad=False)
+                mlp.up_proj.weight = torch.nn.Parameter(gu[n:], requires_grad=False)
+                self._gate_up.append((gu, n))
 
     # ---- cache rows -------------------------------------------------------------------
     def alloc_row(self) -> int:
@@ -185,16 +212,19 @@ class CachedValueModel:
         cos, sin = self.backbone.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
+            attn, mlp = layer.self_attn, layer.mlp
+            w, bias, sizes = self._qkv[i]
+            q, k, v = F.linear(layer.input_layernorm(x), w, bias).split(sizes, dim=-1)
+            q = q.view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
+            k = k.view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
+            v = v.view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = self._attention(i, q, k, v, b, n_real, n_cand)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, qlen, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gu, n = self._gate_up[i]
+            gate, up = F.linear(layer.post_attention_layernorm(x), gu).split([n, gu.shape[0] - n], dim=-1)
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.backbone.norm(x)
 
     @torch.inference_mode()

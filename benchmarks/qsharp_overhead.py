@@ -1,0 +1,169 @@
+"""Decoding speed with Q♯ guidance vs plain decoding, through the same vLLM engine.
+
+    python -m benchmarks.qsharp_overhead [--batch 8 --max-tokens 96 --layers 2 --hidden 128 ...]
+
+A tiny random policy and a tiny random value model of the same depth and width (real
+151,936-token vocabulary; the value model, having no LM head, is about half the policy's
+size) decode the same batch of real prompts (MATH-500 problems rendered with the chat
+template) twice per repetition: plain, then Q♯-guided (η = 0.1, top-k = 20). The runs
+alternate so load drift on a shared machine hits both alike; the table reports the median
+over repetitions. Engine start and one warm-up round (which also loads the value model in the
+worker) are excluded. Ends with `qsharp_over_plain_per_token: X` (time per generated token,
+guided / plain); the goal is X <= 2.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared"))
+DEFAULT_TOKENIZER = SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
+DEFAULT_DATA = SHARED / "data"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    ap.add_argument("--workdir", default=None, help="where the tiny models go (default: a temp dir)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--value-layers", type=int, default=None, help="default: --layers")
+    ap.add_argument("--value-hidden", type=int, default=None, help="default: --hidden")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--eta", type=float, default=0.1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--top-p", type=float, nargs="+", default=[0.95, 1.0],
+                    help="sampling top-p values to time (vLLM's CPU top-p sorts the vocabulary: slow)")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.max_tokens < 1 or args.repeats < 1:
+        ap.error("--batch, --max-tokens and --repeats must be >= 1")
+    return args
+
+
+def build_models(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
+    from vgs.tiny import make_tiny
+
+    policy = make_tiny("policy", args.tokenizer, os.path.join(workdir, "policy"), layers=args.layers,
+                       hidden=args.hidden, seed=0)
+    value = make_tiny("value", args.tokenizer, os.path.join(workdir, "value"), layers=args.value_layers or args.layers,
+                      hidden=args.value_hidden or args.hidden, seed=1)
+    return policy, value
+
+
+def load_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    from benchmarks.datasets import load_benchmark
+    from vgs.prompts import prompt_ids
+
+    problems = load_benchmark("math500", args.data_dir, limit=args.batch)
+    return [prompt_ids(tokenizer, p.problem) for p in problems][: args.batch]
+
+
+def param_count(path: str, value: bool) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        if value:
+            from value_models.modeling import Qwen2ForClassifier
+
+            m = Qwen2ForClassifier(cfg)
+        else:
+            m = AutoModelForCausalLM.from_config(cfg)
+    return int(sum(p.numel() for p in m.parameters()))
+
+
+def main(argv: list[str] | None = None) -> float:
+    import pandas as pd
+
+    from vgs.config import EngineConfig, SamplingConfig
+    from vgs.engine import GenRequest, PolicyEngine
+    from vgs.guidance.params import GuideParams
+
+    args = parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="vgs-qsharp-bench-")
+    timing = os.path.join(workdir, "guidance_timing.txt")
+    os.environ["VGS_GUIDANCE_TIMING"] = timing  # read by the processor in the (spawned) worker
+    policy_path, value_path = build_models(args, workdir)
+    n_policy, n_value = param_count(policy_path, False), param_count(value_path, True)
+    if n_value > n_policy:
+        raise SystemExit(f"value model ({n_value:,} params) must not be larger than the policy ({n_policy:,})")
+    engine = PolicyEngine(EngineConfig(model=policy_path, kv_cache_gib=args.kv_cache_gib, max_model_len=4096))
+    prompts = load_prompts(args, engine.tokenizer)
+    # Times are per generated token, so a (rare) early EOS of the random policy biases nothing.
+    guide = GuideParams("qsharp", value_path, args.eta, args.top_k).to_extra_args()
+
+    def engine_cpu_seconds() -> float:
+        """CPU time of this process and the engine processes it spawned (user + system)."""
+        import psutil
+
+        procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def run(guided: bool, max_tokens: int, top_p: float) -> dict:
+        sampling = SamplingConfig(temperature=0.6, top_p=top_p, max_tokens=max_tokens, seed=0)
+        reqs = [GenRequest(p, max_tokens, seed=i, extra_args=dict(guide) if guided else None)
+                for i, p in enumerate(prompts)]
+        open(timing, "w").close()
+        c0, t0 = engine_cpu_seconds(), time.perf_counter()
+        outs = engine.generate(reqs, sampling)
+        secs, cpu = time.perf_counter() - t0, engine_cpu_seconds() - c0
+        with open(timing) as f:
+            steps = [float(line.split()[1]) for line in f if line.strip()]
+        return {"seconds": secs, "tokens": sum(len(o[0].token_ids) for o in outs), "cpu_seconds": cpu,
+                "guidance_seconds": sum(steps), "guided_steps": len(steps)}
+
+    run(False, 8, 1.0)  # warm-up: first-call allocations in the worker
+    run(True, 8, 1.0)  # warm-up: loads the value model in the worker
+    rows = []
+    for rep in range(args.repeats):
+        for top_p in args.top_p:
+            for mode in ("plain", "qsharp"):
+                rows.append({"top_p": top_p, "mode": mode, "rep": rep, **run(mode == "qsharp", args.max_tokens, top_p)})
+    df = pd.DataFrame(rows)
+    table = df.groupby(["top_p", "mode"], sort=False).median(numeric_only=True).drop(columns="rep")
+    table["tokens_per_s"] = table["tokens"] / table["seconds"]
+    table["ms_per_step"] = 1000 * table["seconds"] / args.max_tokens
+    table["cpu_ms_per_token"] = 1000 * table["cpu_seconds"] / table["tokens"]
+    table["guidance_ms_per_step"] = 1000 * table["guidance_seconds"] / table["guided_steps"].clip(lower=1)
+    table = table[["tokens", "seconds", "tokens_per_s", "ms_per_step", "cpu_ms_per_token", "guidance_ms_per_step"]]
+    per_token = table["seconds"] / table["tokens"]
+    prompt_lens = [len(p) for p in prompts]
+    print(f"policy {n_policy:,} params ({args.layers} layers, hidden {args.hidden}); value {n_value:,} params; "
+          f"batch {len(prompts)}, prompts {min(prompt_lens)}-{max(prompt_lens)} tokens, {args.max_tokens} new tokens, "
+          f"temperature 0.6, top-k {args.top_k}, eta {args.eta}, {args.repeats} repetitions (median)")
+    with pd.option_context("display.float_format", "{:.3f}".format):
+        print(table.to_string())
+    ratios = {}
+    for top_p in args.top_p:
+        ratios[top_p] = float(per_token[(top_p, "qsharp")] / per_token[(top_p, "plain")])
+        cpu = float(table.loc[(top_p, "qsharp"), "cpu_ms_per_token"] / table.loc[(top_p, "plain"), "cpu_ms_per_token"])
+        print(f"top_p={top_p}: qsharp / plain time per token {ratios[top_p]:.3f} (engine CPU time: {cpu:.3f})")
+    # The headline is the worst case over the sampling settings timed (top-p = 1 skips vLLM's
+    # costly vocabulary sort, so guidance is the largest share of the step there).
+    ratio = max(ratios.values())
+    print(f"qsharp_over_plain_per_token: {ratio:.3f}")
+    return ratio
+
+if __name__ == "__main__":
+    main()

@@ -116,6 +116,17 @@ def test_dataset_truncation_usable_and_split(tmp_path):
     assert set(ds.problem_ids[tr]).isdisjoint(set(ds.problem_ids[va])) and len(va) > 0
     tr2, va2 = split_by_problem(ds.problem_ids[::-1], 0.25, seed=3)  # order-independent membership
     assert set(ds.problem_ids[::-1][va2]) == set(ds.problem_ids[va])
+    tr3, va3 = ds.split(np.arange(len(ds)), 0.25, seed=3)  # the trainer's (hash each id once)
+    assert va3.tolist() == va.tolist() and tr3.tolist() == tr.tolist()
+    # memory-mapped Arrow cache: same rows
+    cached = ValueDataset(str(tmp_path / "d"), max_length=14, cache_dir=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 1
+    assert all((cached[j].input_ids == ds[j].input_ids).all() and cached[j].out_start == ds[j].out_start
+               for j in range(len(ds)))
+    # several files: global row indices run across them
+    write_synthetic(tmp_path / "d" / "b.parquet", n_problems=2, seed=1)
+    two = ValueDataset(str(tmp_path / "d"), max_length=14, cache_dir=str(tmp_path / "cache"))
+    assert len(two) == 96 + 8 and (two[96].input_ids == ValueDataset(str(tmp_path / "d" / "b.parquet"), 14)[0].input_ids).all()
     with pytest.raises(Exception, match="lacks column"):
         import pyarrow as pa
         import pyarrow.parquet as pq

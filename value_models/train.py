@@ -43,6 +43,7 @@ CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "LATEST"
 FINAL_LINK = "final"
+DATA_CACHE = ".data_cache"
 TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "grad_norm", "seqs", "loss_tokens", "tokens", "pad_frac", "step_s", "tok_per_s"]
 VAL_FIELDS = ["step", "val_loss", "val_seqs", "acc", "auc", "ece", "brier", "prefix_auc", "prefix_ece", "pos_frac"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -75,6 +76,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     pack: bool = False
     pad_to_multiple: int = 8
+    data_cache: bool = True
     dtype: str = "auto"
     attn_impl: str = "sdpa"
     fsdp: bool = False
@@ -590,33 +592,40 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from value_models.data import StepSampler, ValueDataset, collate, length_buckets, split_by_problem
+    from value_models.data import StepSampler, ValueDataset, collate, length_buckets
 
     per_rank = cfg.batch_size // d.world
     if cfg.batch_size % d.world or per_rank % cfg.micro_batch_size:
         raise VGSError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({d.world}) x "
                        f"--micro-batch-size ({cfg.micro_batch_size})")
-    # -- data
-    ds = ValueDataset(cfg.data, cfg.max_length)
+    os.makedirs(os.path.join(cfg.out, CKPT_DIR), exist_ok=True)
+    ckpt = latest_checkpoint(cfg.out)
+    if ckpt and not cfg.resume:
+        raise VGSError(f"{cfg.out} already holds checkpoints (latest {os.path.basename(ckpt)}); "
+                       f"pass --resume to continue it, or choose a new --out")
+    # -- data: rank 0 converts the Parquet files into the memory-mappable cache, then the others map it
+    cache = os.path.join(cfg.out, DATA_CACHE) if cfg.data_cache else None
+
+    def load(paths: list[str]) -> ValueDataset:
+        out = ValueDataset(paths, cfg.max_length, cache) if d.main else None
+        barrier(d)
+        return out if out is not None else ValueDataset(paths, cfg.max_length, cache)
+
+    ds = load(cfg.data)
     usable = ds.usable()
     if cfg.val_data:
         train_idx = usable
-        val_ds = ValueDataset(cfg.val_data, cfg.max_length)
+        val_ds = load(cfg.val_data)
         val_idx = val_ds.usable()
     else:
-        tr, va = split_by_problem(ds.problem_ids[usable], cfg.val_fraction, seed=cfg.seed)
-        train_idx, val_idx, val_ds = usable[tr], usable[va], ds
+        train_idx, val_idx = ds.split(usable, cfg.val_fraction, seed=cfg.seed)
+        val_ds = ds
     if len(val_idx) > cfg.val_max_seqs:
         val_idx = np.sort(np.random.default_rng(cfg.seed).choice(val_idx, cfg.val_max_seqs, replace=False))
     sampler = StepSampler(train_idx, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * sampler.steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total)
     # -- resume or fresh start
-    os.makedirs(os.path.join(cfg.out, CKPT_DIR), exist_ok=True)
-    ckpt = latest_checkpoint(cfg.out)
-    if ckpt and not cfg.resume:
-        raise VGSError(f"{cfg.out} already holds checkpoints (latest {os.path.basename(ckpt)}); "
-                       f"pass --resume to continue it, or choose a new --out")
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False) if ckpt else None
     if d.main:
         for stale in os.listdir(os.path.join(cfg.out, CKPT_DIR)):  # partial writes of a killed run
@@ -754,6 +763,9 @@ def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--pack", action="store_true", help="pack each micro-batch into one row (no padding)")
     g.add_argument("--pad-to-multiple", type=int, default=8)
+    g.add_argument("--no-data-cache", dest="data_cache", action="store_false",
+                   help="read the Parquet data into each process's memory instead of memory-mapping an "
+                        "Arrow copy in OUT/.data_cache")
     g.add_argument("--train-dtype" if rounds else "--dtype", dest="train_dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast dtype: auto = bf16 on GPU, fp32 on CPU (weights stay fp32)")
     g.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (sdpa, flash_attention_2, eager)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,9 +198,25 @@ def _wait(p: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        _kill_tree(p)
         raise
     assert rc == 0, log.read_text()[-4000:]
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once (workers run in sessions of their own, so
+    killing torchrun's process group alone would leave them training)."""
+    import psutil
+
+    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    assert len(procs) >= 3, "expected torchrun and 2 workers"
+    for proc in reversed(procs):
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    p.wait()
 
 
 def _losses(out: Path) -> list[tuple[int, str]]:
@@ -286,12 +303,13 @@ def test_killed_run_resumes_with_identical_losses(train_setup, uninterrupted):
             break
         time.sleep(0.2)
     assert p.poll() is None, "run finished before it could be killed:\n" + log.read_text()[-2000:]
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert _losses(out)[-1][0] < 8 and not (out / "final").exists()
+    _kill_tree(p)
+    killed_at = _losses(out)[-1][0]
+    assert killed_at < 8 and not (out / "final").exists()
     p = _torchrun([*common, "--out", str(out), "--resume"], root / "resume.log")
     _wait(p, root / "resume.log")
-    assert "resumed from" in (root / "resume.log").read_text()
+    m = re.search(r"resumed from \S+ at step (\d+)", (root / "resume.log").read_text())
+    assert m and int(m.group(1)) <= killed_at < 8  # really continued mid-way
     assert _losses(out) == _losses(uninterrupted)  # exact strings: bit-identical losses
     with open(out / "val_log.csv") as a, open(uninterrupted / "val_log.csv") as b:
         assert [r["val_loss"] for r in csv.DictReader(a)] == [r["val_loss"] for r in csv.DictReader(b)]

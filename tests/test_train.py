@@ -209,7 +209,6 @@ def _kill_tree(p: subprocess.Popen) -> None:
     import psutil
 
     procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    assert len(procs) >= 3, "expected torchrun and 2 workers"
     for proc in reversed(procs):
         try:
             proc.send_signal(signal.SIGKILL)
@@ -303,6 +302,9 @@ def test_killed_run_resumes_with_identical_losses(train_setup, uninterrupted):
             break
         time.sleep(0.2)
     assert p.poll() is None, "run finished before it could be killed:\n" + log.read_text()[-2000:]
+    import psutil
+
+    assert len(psutil.Process(p.pid).children(recursive=True)) >= 2  # the workers are there to kill
     _kill_tree(p)
     killed_at = _losses(out)[-1][0]
     assert killed_at < 8 and not (out / "final").exists()

@@ -217,6 +217,38 @@ def test_cached_value_model_matches_full_forwards(tiny_value, value_hf):
     assert m.tokens_computed > 0
 
 
+def test_cached_value_model_histogram_head(tiny_value, value_hf):
+    """A histogram head (atoms on [0, 1]) yields log-probabilities over the atoms."""
+    from vgs.guidance.worker_model import CachedValueModel
+
+    atoms = torch.tensor([0.0, 0.5, 1.0])
+    m = CachedValueModel(tiny_value, histogram_atoms=atoms)
+    seq, cands = [3, 14, 15, 92], [65, 35, 89]
+    got = m.score([m.alloc_row()], [seq], torch.tensor([cands]))
+    with torch.no_grad():
+        want = torch.stack([torch.log_softmax(value_hf(input_ids=torch.tensor([seq + [c]])).logits[0, -1], -1)
+                            for c in cands])
+    assert got.success_logit is None and torch.allclose(got.atom_logprobs[0], want, atol=1e-5)
+    offs = core.compute_offsets(got, 0.1)[0].double()
+    direct = torch.log((want.double().exp() * torch.exp(atoms.double() / 0.1)).sum(-1))
+    assert torch.allclose(offs, direct, atol=1e-4)
+
+
+def test_processor_class_path(monkeypatch):
+    from vgs.guidance.processor import detect_runner, processor_class_path
+
+    assert processor_class_path() == "vgs.guidance.processor:GuidanceProcessor"
+    assert processor_class_path("mrv2") == "vgs.guidance.mrv2_processor:QSharpMRV2Processor"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert detect_runner() == "v1" and processor_class_path(None) == "vgs.guidance.v1_processor:QSharpV1Processor"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert detect_runner() == "mrv2"
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    assert detect_runner() == ("mrv2" if torch.cuda.is_available() else "v1")
+    with pytest.raises(ValueError):
+        processor_class_path("v3")
+
+
 # ---------------------------------------------------------------------------------------
 # The adapters (no engine): V1 with synthetic batch updates, MRV2 with a synthetic context
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ class GuidedRequest:
     temperature: float  # for the reported KL (1.0 for greedy requests)
     report: ReportWriter | None = None
     last_token: int | None = None  # last token fed, to re-score after a step with no new token
-    stopped: bool = field(default=False)
+    stopped: bool = False
 
     @property
     def fed(self) -> int:

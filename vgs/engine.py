@@ -192,7 +192,12 @@ class PolicyEngine:
                     f"context of {self.max_model_len} tokens; lower --max-tokens or raise --max-model-len")
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         params = [self.sampling_params(r, sampling) for r in requests]
-        outs = self.llm.generate(prompts, params, use_tqdm=progress)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            outs = self.llm.generate(prompts, params, use_tqdm=progress)
+        except VLLMValidationError as exc:  # e.g. bad guidance extra_args rejected at admission
+            raise VGSError(f"request rejected by the engine: {exc}") from exc
         result: list[list[GenSample]] = []
         for out in outs:
             samples = []

@@ -277,29 +277,24 @@ def test_factory_rejects_bad_input(plain3, tiny_policy):
 
 # ---------------------------------------------------------------- vLLM backend
 
-@pytest.fixture(scope="module")
-def plain3_vllm(plain3):
+@pytest.mark.vllm
+def test_plain_checkpoint_vllm_backend_agrees(plain3, probe_seqs):
     """vLLM scorer on the plain checkpoint, with no tokenizer at all (as published)."""
     from vgs.config import EngineConfig
-    from vgs.value import VllmValueScorer
-
-    scorer = VllmValueScorer(EngineConfig(model=plain3[1], kv_cache_gib=0.25))
-    yield scorer
-    scorer.close()
-
-
-@pytest.mark.vllm
-def test_plain_checkpoint_vllm_backend_agrees(plain3, plain3_vllm, probe_seqs):
-    from vgs.value import HFValueScorer
+    from vgs.value import HFValueScorer, VllmValueScorer
 
     ref, path = plain3
     want = ref.values(probe_seqs)
-    got = plain3_vllm.score(probe_seqs)
+    scorer = VllmValueScorer(EngineConfig(model=path, kv_cache_gib=0.25))
+    try:
+        got = scorer.score(probe_seqs)
+        assert scorer.max_model_len == 2048
+        with pytest.raises(VGSError, match="more than the value model's limit of 2048"):
+            scorer.score([[5] * 2049])
+    finally:
+        scorer.close()
     assert_close(got, want, 1e-3)
     assert_close(got, HFValueScorer(path, device="cpu").score(probe_seqs), 1e-3)
-    assert plain3_vllm.max_model_len == 2048
-    with pytest.raises(VGSError, match="more than the value model's limit of 2048"):
-        plain3_vllm.score([[5] * 2049])
 
 
 @pytest.mark.vllm

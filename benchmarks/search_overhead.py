@@ -12,7 +12,7 @@ engine:
 
 A random tiny model rarely emits EOS, so both arms generate close to the same number of
 tokens; the ratio is per generated token anyway.
-Each arm runs `--repeats` times alternately and the fastest run counts (load on a shared
+Each arm runs `--repeats` times (default 1) alternately and the fastest run counts (load on a shared
 machine hits both alike). Ends with `vgs_over_sampling_per_token: X`; the goal is X <= 1.15.
 """
 
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=8)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"))
     ap.add_argument("--data-dir", default=os.environ.get("VGS_DATA_DIR", str(SHARED / "data")))
     args = ap.parse_args()
@@ -67,7 +67,7 @@ def main() -> None:
     }
     # warm-up both paths once (first calls allocate and fill caches)
     for cfg in arms.values():
-        run_search(prompts[:1], [99], engines, cfg, SamplingConfig(max_tokens=64, temperature=1.0, top_p=1.0))
+        run_search(prompts[:1], [99], engines if cfg.method == "vgs" else Engines(policy, None), cfg, SamplingConfig(max_tokens=64, temperature=1.0, top_p=1.0))
 
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
@@ -75,7 +75,9 @@ def main() -> None:
             value.reset_prefix_cache()
             seeds = [1000 * rep + i for i in range(len(prompts))]
             t0 = time.perf_counter()
-            results = run_search(prompts, seeds, engines, cfg, sampling)
+            # plain sampling does not touch the value model (no scoring of its samples)
+            arm_engines = engines if cfg.method == "vgs" else Engines(policy, None)
+            results = run_search(prompts, seeds, arm_engines, cfg, sampling)
             wall = time.perf_counter() - t0
             toks = sum(r.compute.policy_tokens for r in results)
             rec = {"method": name, "wall_s": wall, "generated_tokens": toks,

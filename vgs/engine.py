@@ -108,7 +108,9 @@ def vllm_engine_kwargs(cfg: EngineConfig, generate: bool = True) -> dict[str, An
     kw: dict[str, Any] = dict(
         model=cfg.model,
         tokenizer=cfg.tokenizer or cfg.model,
-        dtype=cfg.dtype,
+        # AVX2 CPUs have no bf16 matmul units: vLLM's "auto" picks bf16 there and the LM head
+        # gemm becomes the bottleneck (measured ~10x slower than fp32 on this machine).
+        dtype="float32" if cpu and cfg.dtype == "auto" else cfg.dtype,
         seed=cfg.seed,
         tensor_parallel_size=cfg.tensor_parallel_size,
         enable_prefix_caching=cfg.enable_prefix_caching,

@@ -14,7 +14,8 @@ from vgs.engine import PolicyBackend
 from vgs.errors import VGSError
 from vgs.records import SearchResult
 
-VALUE_METHODS = ("best_of_n", "weighted_majority", "vgs") + GUIDED_METHODS
+# methods that score candidates with a `ValueScorer` (Q#/CD load the value model in-worker instead)
+SCORED_METHODS = ("best_of_n", "weighted_majority", "vgs")
 
 
 @dataclass
@@ -36,7 +37,7 @@ def run_search(prompts: list[list[int]], seeds: list[int], engines: Engines, sea
     """Run `search.method` on every prompt; `seeds[i]` seeds everything random for prompt i."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    if search.method in VALUE_METHODS and engines.value is None and search.method not in GUIDED_METHODS:
+    if search.method in SCORED_METHODS and engines.value is None:
         raise VGSError(f"method {search.method!r} needs a value model (--value-model)")
     if search.method == "vgs":
         from vgs.search.beam import beam_search

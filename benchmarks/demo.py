@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared"))
+from benchmarks.local_files import DATA_DIR, REPO, TOKENIZER_DIR
 
 
 def main() -> int:
     from vgs.cli import main as vgs_main
     from vgs.tiny import make_tiny
 
-    tok = os.environ.get("VGS_TOKENIZER", str(SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"))
+    tok = os.environ.get("VGS_TOKENIZER", str(TOKENIZER_DIR))
     cache = REPO / ".cache" / "demo"
     cache.mkdir(parents=True, exist_ok=True)
     print("=" * 88)
@@ -41,7 +39,7 @@ def main() -> int:
             "--trees", "2", "--max-tokens", "256", "--temperature", "1.0", "--top-p", "1.0",
             "--out", str(REPO / "runs" / "demo"), "--no-save-text",
             "--kv-cache-gib", "1", "--value-kv-cache-gib", "1", "--max-model-len", "2048"]
-    data = os.environ.get("VGS_DATA_DIR") or (str(SHARED / "data") if (SHARED / "data").is_dir() else None)
+    data = os.environ.get("VGS_DATA_DIR") or (str(DATA_DIR) if DATA_DIR.is_dir() else None)
     if data:
         args += ["--data-dir", data]
     print("$ vgs " + " ".join(args), flush=True)

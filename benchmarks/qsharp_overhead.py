@@ -18,15 +18,10 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks.local_files import DATA_DIR as DEFAULT_DATA, TOKENIZER_DIR as DEFAULT_TOKENIZER, quiet_engines
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared"))
-DEFAULT_TOKENIZER = SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
-DEFAULT_DATA = SHARED / "data"
+quiet_engines()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,11 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks.local_files import DATA_DIR, TOKENIZER_DIR, quiet_engines
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared"))
+quiet_engines()
 
 
 def main() -> None:
@@ -37,8 +35,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"))
-    ap.add_argument("--data-dir", default=os.environ.get("VGS_DATA_DIR", str(SHARED / "data")))
+    ap.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
+    ap.add_argument("--data-dir", default=os.environ.get("VGS_DATA_DIR", str(DATA_DIR)))
     args = ap.parse_args()
 
     import pandas as pd

@@ -34,13 +34,10 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks.local_files import TOKENIZER_DIR as DEFAULT_TOKENIZER, quiet_engines
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared")) / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
+quiet_engines()
 
 
 @dataclass

@@ -3,18 +3,13 @@ each kind per session (engine start costs 25-60 s on this CPU)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks.local_files import DATA_DIR, TOKENIZER_DIR, quiet_engines
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared"))
-TOKENIZER_DIR = SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
-DATA_DIR = SHARED / "data"
+quiet_engines()
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,14 @@ import glob
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from vgs.errors import VGSError
+
+if TYPE_CHECKING:  # torch itself is imported inside the functions that need it
+    import torch
 
 REQUIRED_COLUMNS = ("problem_id", "roll_in_ids", "roll_out_ids", "label")
 NUM_CLASSES = 3

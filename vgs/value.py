@@ -138,6 +138,17 @@ class _ValueMemo:
     def clear(self) -> None:
         self._d.clear()
 
+    def lookup(self, seqs: list[list[int]]) -> tuple[list[float | None], dict[bytes, list[int]]]:
+        """Values known for `seqs` (None where not), and the distinct unknown sequences:
+        digest -> positions in `seqs`, so each is computed once however often it repeats."""
+        keys = [_digest(s) for s in seqs]
+        values = [self.get(k) for k in keys]
+        todo: dict[bytes, list[int]] = {}
+        for i, (k, v) in enumerate(zip(keys, values)):
+            if v is None:
+                todo.setdefault(k, []).append(i)
+        return values, todo
+
 
 def _prob_at(probs: Sequence[float]) -> float:
     """Success probability from the activated class scores (3 classes: index 1; 1 class: itself)."""
@@ -216,13 +227,8 @@ class VllmValueScorer:
         from vllm.inputs import TokensPrompt
 
         seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
-        keys = [_digest(s) for s in seqs]
-        values: list[float | None] = [self._memo.get(k) for k in keys]
+        values, todo = self._memo.lookup(seqs)
         per_seq = [0] * len(seqs)
-        todo: dict[bytes, list[int]] = {}  # unique sequences not in the memo → their positions
-        for i, (k, v) in enumerate(zip(keys, values)):
-            if v is None:
-                todo.setdefault(k, []).append(i)
         if todo:
             firsts = [idx[0] for idx in todo.values()]
             outs = self.llm.classify([TokensPrompt(prompt_token_ids=seqs[i]) for i in firsts], use_tqdm=False)
@@ -465,13 +471,9 @@ class HFValueScorer:
 
     def score(self, sequences: list[list[int]]) -> list[float]:
         seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
-        keys = [_digest(s) for s in seqs]
-        values: list[float | None] = [self._memo.get(k) for k in keys]
+        values, todo = self._memo.lookup(seqs)
         per_seq = [0] * len(seqs)
-        pending: dict[bytes, tuple[list[int], list[int]]] = {}
-        for i, (k, v) in enumerate(zip(keys, values)):
-            if v is None:
-                pending.setdefault(k, (seqs[i], []))[1].append(i)
+        pending = {k: (seqs[idx[0]], idx) for k, idx in todo.items()}
         while pending:
             for batch in self._batches(self._plan(pending)):
                 vals = self._run(batch)

@@ -1,22 +1,26 @@
 """Benchmark registry: the competition-math sets the toolkit reports on.
 
-Default source is the Hugging Face Hub (the same ids the published results use). With a
-data dir (`--data-dir DIR` or `VGS_DATA_DIR`) each set is read from `DIR/<file>.jsonl` with
-the field names of the shared copies (`id`, `problem`, `answer`). Every loader returns the
-same `Problem` records, so nothing downstream knows where a set came from.
+Default source is the Hugging Face Hub (the same ids the published results use). When the Hub
+does not answer (offline, no network) the copy shipped in `benchmarks/data/` is used, with one
+line on stderr saying so. With a data dir (`--data-dir DIR` or `VGS_DATA_DIR`) each set is read
+from `DIR/<file>.jsonl` (fields `id`, `problem`, `answer`, as in the shipped copy). Every loader
+returns the same `Problem` records, so nothing downstream knows where a set came from.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from vgs.errors import VGSError
 
 DATA_DIR_ENV = "VGS_DATA_DIR"
+SHIPPED_DATA_DIR = str(Path(__file__).resolve().parent / "data")
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,21 @@ def load_hub(name: str) -> list[Problem]:
 
 
 def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = None) -> list[Problem]:
-    """Problems of one benchmark, from `data_dir` (or $VGS_DATA_DIR) if given, else the Hub."""
+    """Problems of one benchmark: from `data_dir` (or $VGS_DATA_DIR) if given, else the Hub,
+    else (the Hub does not answer) the copy shipped in `benchmarks/data/`."""
     if name not in BENCHMARKS:
         raise VGSError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-    problems = load_local(name, data_dir) if data_dir else load_hub(name)
+    if data_dir:
+        problems = load_local(name, data_dir)
+    else:
+        try:
+            problems = load_hub(name)
+        except VGSError as exc:
+            if not os.path.isfile(os.path.join(SHIPPED_DATA_DIR, BENCHMARKS[name].local_file)):
+                raise
+            print(f"vgs: {exc.__cause__.__class__.__name__ if exc.__cause__ else 'Hub unavailable'} "
+                  f"loading {BENCHMARKS[name].hub_id}; using the shipped copy in {SHIPPED_DATA_DIR}",
+                  file=sys.stderr)
+            problems = load_local(name, SHIPPED_DATA_DIR)
     return problems[:limit] if limit else problems

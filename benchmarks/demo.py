@@ -12,17 +12,22 @@ thing on a GPU:
 
 from __future__ import annotations
 
-import os
 import sys
 
-from benchmarks.local_files import DATA_DIR, REPO, TOKENIZER_DIR
+from benchmarks import local_files
+from benchmarks.local_files import REPO
+from vgs.errors import VGSError
 
 
 def main() -> int:
     from vgs.cli import main as vgs_main
     from vgs.tiny import make_tiny
 
-    tok = os.environ.get("VGS_TOKENIZER", str(TOKENIZER_DIR))
+    try:
+        tok, data = local_files.tokenizer_dir(), local_files.data_dir()
+    except VGSError as exc:
+        print(f"vgs demo: error: {exc}", file=sys.stderr)
+        return 2
     cache = REPO / ".cache" / "demo"
     cache.mkdir(parents=True, exist_ok=True)
     print("=" * 88)
@@ -38,10 +43,8 @@ def main() -> int:
             "--value-model", str(value), "--budget", "4", "--beam-width", "2", "--block-size", "64",
             "--trees", "2", "--max-tokens", "256", "--temperature", "1.0", "--top-p", "1.0",
             "--out", str(REPO / "runs" / "demo"), "--no-save-text",
-            "--kv-cache-gib", "1", "--value-kv-cache-gib", "1", "--max-model-len", "2048"]
-    data = os.environ.get("VGS_DATA_DIR") or (str(DATA_DIR) if DATA_DIR.is_dir() else None)
-    if data:
-        args += ["--data-dir", data]
+            "--kv-cache-gib", "1", "--value-kv-cache-gib", "1", "--max-model-len", "2048",
+            "--data-dir", data]
     print("$ vgs " + " ".join(args), flush=True)
     return vgs_main(args)
 

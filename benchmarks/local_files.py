@@ -1,8 +1,8 @@
-"""Where the development files live (tokenizer, benchmark data), for benchmarks and tests.
-
-They sit in `../shared` beside the repository (override with `VGS_SHARED_DIR`); the Hub is
-the path for real users, this is the offline one. `quiet_engines()` sets the environment
-every script here wants before vLLM is imported.
+"""The assets shipped inside the repository for offline use: the real DeepSeek-R1-Distill
+tokenizer (tests and demos build tiny models with it) and the offline copy of the benchmark
+registry. Nothing here reads anything outside the repository; `VGS_TOKENIZER_DIR` and
+`VGS_DATA_DIR` point elsewhere when wanted. `quiet_engines()` sets the environment every
+script here wants before vLLM is imported.
 """
 
 from __future__ import annotations
@@ -10,10 +10,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from benchmarks.datasets import SHIPPED_DATA_DIR
+from vgs.errors import VGSError
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VGS_SHARED_DIR", REPO.parent / "shared"))
-TOKENIZER_DIR = SHARED / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
-DATA_DIR = SHARED / "data"
+PACKAGE = Path(__file__).resolve().parent
+TOKENIZER_DIR = Path(os.environ.get("VGS_TOKENIZER_DIR") or PACKAGE / "assets" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b")
+DATA_DIR = Path(os.environ.get("VGS_DATA_DIR") or SHIPPED_DATA_DIR)
+
+
+def require_dir(path: Path, what: str) -> str:
+    """`path` as a string, or one clear error naming the missing asset and how to supply it."""
+    if not (path.is_dir() and any(path.iterdir())):
+        raise VGSError(f"missing {what} at {path} (it ships with the repository; restore it with "
+                       f"`git checkout -- {path.relative_to(REPO) if path.is_relative_to(REPO) else path}` "
+                       f"or point the environment variable at a copy)")
+    return str(path)
+
+
+def tokenizer_dir() -> str:
+    """The shipped tokenizer directory (or $VGS_TOKENIZER_DIR), checked."""
+    return require_dir(TOKENIZER_DIR, "tokenizer directory")
+
+
+def data_dir() -> str:
+    """The offline benchmark files (or $VGS_DATA_DIR), checked."""
+    return require_dir(DATA_DIR, "benchmark data directory")
 
 
 def quiet_engines() -> None:

@@ -314,7 +314,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetitions", type=int, default=1)
     p.add_argument("--out", required=True, help="output directory (re-run with the same --out to resume)")
     p.add_argument("--data-dir", default=None, help="read benchmarks from DIR/<name>.jsonl instead of the Hub "
-                                                    "(default: $VGS_DATA_DIR)")
+                                                    "(default: $VGS_DATA_DIR; without either, the Hub, falling "
+                                                    "back to the copy shipped in benchmarks/data)")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
     p.add_argument("--batch-size", type=int, default=32, help="problems searched together (results saved per batch)")
     p.add_argument("--prompt-template", default=DEFAULT_USER_TEMPLATE)

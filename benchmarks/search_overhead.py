@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
-    ap.add_argument("--data-dir", default=os.environ.get("VGS_DATA_DIR", str(DATA_DIR)))
+    ap.add_argument("--data-dir", default=str(DATA_DIR))
     args = ap.parse_args()
 
     import pandas as pd

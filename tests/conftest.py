@@ -7,21 +7,27 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.local_files import DATA_DIR, TOKENIZER_DIR, quiet_engines
+from benchmarks import local_files
+from benchmarks.local_files import quiet_engines
+from vgs.errors import VGSError
 
 quiet_engines()
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> str:
-    assert TOKENIZER_DIR.is_dir(), f"missing {TOKENIZER_DIR}"
-    return str(TOKENIZER_DIR)
+    try:
+        return local_files.tokenizer_dir()
+    except VGSError as exc:  # one clear line, not a traceback per test
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> str:
-    assert DATA_DIR.is_dir(), f"missing {DATA_DIR}"
-    return str(DATA_DIR)
+    try:
+        return local_files.data_dir()
+    except VGSError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,12 @@
 Output directory:
 - `config.json`   what produced the results; a re-run with a different config is refused.
 - `samples.jsonl` one line per (benchmark, problem, repetition), appended (and fsynced) as
-  each batch of problems finishes. A re-run skips every line already there, so a killed run
-  loses at most the batch in flight and never duplicates a line.
+  each problem finishes. A re-run skips every line already there, so a killed run loses at
+  most the problems in flight and never duplicates a line.
+
+All problems run on the one async search core (`vgs.search.search`), concurrently on the
+engine loop, bounded by `vgs.runtime.Admission` (live sequences) and `--batch-size` (problems
+in flight); the server runs the same code per request.
 - `summary.csv`   per benchmark and average: the method's accuracy, pass@1, maj@n, wmaj@n,
   bon@n, pass@n with 95% CIs, mean generated tokens, FLOPs; also printed as a table.
 """
@@ -19,15 +23,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from benchmarks.datasets import BENCHMARKS, Problem, load_benchmark
-from vgs.config import METHODS, SELECTIONS, EngineConfig, SamplingConfig, SearchConfig
+from vgs.config import SELECTIONS, EngineConfig, search_config_from_dict, SamplingConfig, SearchConfig
 from vgs.errors import VGSError
 from vgs.prompts import DEFAULT_USER_TEMPLATE
 
-# Which vote picks a method's answer (sampling-style methods all share the same N samples).
-CHOICE = {"sample": "pass1", "majority": "maj", "best_of_n": "bon", "weighted_majority": "wmaj",
-          "vgs": "wmaj", "qsharp": "maj", "cd": "maj"}
-NEEDS_SCORER = ("best_of_n", "weighted_majority", "vgs")
-NEEDS_VALUE_MODEL = NEEDS_SCORER + ("qsharp", "cd")
+from vgs.search.methods import METHOD_REGISTRY, get_method
 
 
 @dataclass
@@ -44,7 +44,8 @@ class EvalConfig:
     data_dir: str | None = None
     limit: int | None = None
     prompt_template: str = DEFAULT_USER_TEMPLATE
-    batch_size: int = 32
+    batch_size: int = 64
+    max_sequences: int | None = None
     save_text: bool = True
     policy_engine: dict[str, Any] = field(default_factory=dict)
     value_engine: dict[str, Any] = field(default_factory=dict)
@@ -61,9 +62,12 @@ class EvalConfig:
             raise VGSError(f"--repetitions must be >= 1, got {self.repetitions}")
         if self.batch_size < 1:
             raise VGSError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise VGSError(f"--max-sequences must be >= 1, got {self.max_sequences}")
         if self.limit is not None and self.limit < 1:
             raise VGSError(f"--limit must be >= 1, got {self.limit}")
-        if self.search.method in NEEDS_VALUE_MODEL and not self.value_model:
+        m = get_method(self.search.method)
+        if (m.needs_scorer or m.needs_guidance_model) and not self.value_model:
             raise VGSError(f"--method {self.search.method} needs --value-model")
         if self.value_backend not in ("vllm", "hf"):
             raise VGSError(f"--value-backend must be vllm or hf, got {self.value_backend!r}")
@@ -79,13 +83,11 @@ class EvalConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes results. Benchmarks, limits, repetitions, batching and
         memory knobs may change between runs sharing an output dir; these may not."""
-        search = asdict(self.search)
-        if self.search.method != "vgs":
-            for k in ("budget", "beam_width", "block_size", "trees", "selection"):
-                search.pop(k)
-        if self.search.method not in ("qsharp", "cd"):
-            for k in ("eta", "top_k", "report_kl"):
-                search.pop(k)
+        full = asdict(self.search)
+        applies = get_method(self.search.method).options
+        search = {k: v for k, v in full.items() if k == "method" or k in applies}
+        if self.search.method == "vgs":
+            search["n"] = full["n"]  # kept: fingerprints written before the registry had it
         return {"policy": self.policy, "value_model": self.value_model, "tokenizer": self.tokenizer,
                 "search": search, "sampling": asdict(self.sampling), "prompt_template": self.prompt_template}
 
@@ -153,69 +155,90 @@ class WorkItem:
 
 
 def build_engines(cfg: EvalConfig):
-    """Policy engine first, then the value scorer (two engines must start one after the other)."""
-    from vgs.engine import PolicyEngine
-    from vgs.search import Engines
+    """Policy engine first, then the value scorer (`vgs.runtime.build_engines`)."""
+    from vgs.runtime import build_engines as build
 
-    policy = PolicyEngine(EngineConfig(model=cfg.policy, tokenizer=cfg.tokenizer, seed=cfg.sampling.seed,
-                                       **cfg.policy_engine))
-    scorer = None
-    if cfg.search.method in NEEDS_SCORER:
-        from vgs.value import make_value_scorer
+    return build(EngineConfig(model=cfg.policy, tokenizer=cfg.tokenizer, seed=cfg.sampling.seed, **cfg.policy_engine),
+                 cfg.value_model, needs_scorer=get_method(cfg.search.method).needs_scorer,
+                 value_backend=cfg.value_backend, value_engine=cfg.value_engine)
 
-        if cfg.value_backend == "vllm":
-            scorer = make_value_scorer(cfg.value_model, backend="vllm", tokenizer=cfg.tokenizer or cfg.policy,
-                                       **cfg.value_engine)
-        else:  # transformers: bf16 on GPU, fp32 on CPU; engine knobs do not apply
-            scorer = make_value_scorer(cfg.value_model, backend="hf")
-    return Engines(policy=policy, value=scorer, value_model=cfg.value_model)
+
+def grade_row(item: WorkItem, res, tokenizer, grader, method: str, save_text: bool) -> dict:
+    """Finalize (label-free: decode, extract, vote, choose) and grade against the gold answer;
+    one JSON row for the work item."""
+    from vgs.grading import vote
+    from vgs.search.finalize import finalize
+
+    finalize(res, tokenizer, grader, method)
+    answers = [c.answer for c in res.candidates]
+    correct = grader.correct(item.problem.answer, answers)
+    for c, ok in zip(res.candidates, correct):
+        c.correct = bool(ok)
+    values = [c.value for c in res.candidates]
+    weights = values if all(v is not None for v in values) else None
+    classes = res.votes.classes
+    v = vote(answers, weights=weights, correct=correct, classes=classes)
+    metrics = {"pass1": v.pass_at_1, "maj": v.maj, "wmaj": v.wmaj, "bon": v.bon, "pass_n": v.pass_at_n,
+               "maj_ties": v.maj_ties, "wmaj_ties": v.wmaj_ties, "num_classes": v.num_classes}
+    choice = get_method(method).vote
+    metrics["accuracy"] = metrics[choice]
+    answer = {"pass1": answers[0] if answers else None, "maj": v.maj_answer, "wmaj": v.wmaj_answer,
+              "bon": v.bon_answer}[choice]
+    samples = []
+    for c, cls in zip(res.candidates, classes):
+        s = {"num_tokens": c.num_tokens, "finish_reason": c.finish_reason, "answer": c.answer,
+             "correct": c.correct, "class": cls, "value": c.value, "tree": c.tree}
+        if c.info:
+            s["info"] = c.info
+        if save_text:
+            s["text"] = c.text
+        samples.append(s)
+    return {
+        "benchmark": item.problem.benchmark, "problem_id": item.problem.id, "repetition": item.repetition,
+        "seed": item.seed, "gold": item.problem.answer, "method": method, "answer": answer,
+        "correct": metrics["accuracy"], "metrics": metrics,
+        "mean_tokens": sum(c.num_tokens for c in res.candidates) / max(1, len(res.candidates)),
+        "compute": res.compute.to_dict(), "samples": samples,
+        **({"trace": res.trace} if res.trace else {}),
+    }
 
 
 def grade_results(items: list[WorkItem], results, tokenizer, grader, method: str, save_text: bool) -> list[dict]:
-    """Decode, extract, grade and vote; one JSON row per work item."""
-    from vgs.grading import extract_answer, vote
-    from vgs.prompts import decode
-
-    rows = []
-    for item, res in zip(items, results):
-        texts = [decode(tokenizer, c.token_ids) for c in res.candidates]
-        answers = [extract_answer(t) for t in texts]
-        correct = grader.correct(item.problem.answer, answers)
-        for c, t, a, ok in zip(res.candidates, texts, answers, correct):
-            c.text, c.answer, c.correct = t, a, bool(ok)
-        values = [c.value for c in res.candidates]
-        weights = values if all(v is not None for v in values) else None
-        classes = grader.classes(answers)
-        v = vote(answers, weights=weights, correct=correct, classes=classes)
-        metrics = {"pass1": v.pass_at_1, "maj": v.maj, "wmaj": v.wmaj, "bon": v.bon, "pass_n": v.pass_at_n,
-                   "maj_ties": v.maj_ties, "wmaj_ties": v.wmaj_ties, "num_classes": v.num_classes}
-        choice = CHOICE[method]
-        metrics["accuracy"] = metrics[choice]
-        answer = {"pass1": answers[0] if answers else None, "maj": v.maj_answer, "wmaj": v.wmaj_answer,
-                  "bon": v.bon_answer}[choice]
-        samples = []
-        for c, cls in zip(res.candidates, classes):
-            s = {"num_tokens": c.num_tokens, "finish_reason": c.finish_reason, "answer": c.answer,
-                 "correct": c.correct, "class": cls, "value": c.value, "tree": c.tree}
-            if c.info:
-                s["info"] = c.info
-            if save_text:
-                s["text"] = c.text
-            samples.append(s)
-        rows.append({
-            "benchmark": item.problem.benchmark, "problem_id": item.problem.id, "repetition": item.repetition,
-            "seed": item.seed, "gold": item.problem.answer, "method": method, "answer": answer,
-            "correct": metrics["accuracy"], "metrics": metrics,
-            "mean_tokens": sum(c.num_tokens for c in res.candidates) / max(1, len(res.candidates)),
-            "compute": res.compute.to_dict(), "samples": samples,
-            **({"trace": res.trace} if res.trace else {}),
-        })
-    return rows
+    """`grade_row` for each (item, result) pair."""
+    return [grade_row(it, res, tokenizer, grader, method, save_text) for it, res in zip(items, results)]
 
 
-def _chunks(xs: list, n: int) -> Iterator[list]:
-    for i in range(0, len(xs), n):
-        yield xs[i: i + n]
+async def _run_items(cfg: EvalConfig, todo: list[WorkItem], engines, grader, results_file: "ResultsFile",
+                     bar: Any) -> None:
+    """Every item's search in flight at once on the engine loop, bounded by live sequences
+    (`Admission`) and problems (`--batch-size`); each row is appended as its problem finishes."""
+    import asyncio
+
+    from vgs.aio import gather_or_cancel
+    from vgs.prompts import prompt_ids
+    from vgs.runtime import Admission, default_max_sequences
+    from vgs.search import SearchEvents, search
+
+    tok = engines.policy.tokenizer
+    method = get_method(cfg.search.method)
+    limit = cfg.max_sequences or default_max_sequences(engines.policy, cfg.sampling.max_tokens)
+    admission = Admission(limit, max_queued=1 << 62)
+    problems = asyncio.Semaphore(cfg.batch_size)
+
+    class Progress(SearchEvents):
+        def round(self, tree, round, active, best_value):  # noqa: A002
+            bar.set_postfix(in_flight=admission.in_use, round=round)
+
+    async def one(item: WorkItem) -> None:
+        prompt = prompt_ids(tok, item.problem.problem, cfg.prompt_template)
+        async with problems, admission.slot(method.sequences(cfg.search)):
+            res = await search(prompt, item.seed, engines, cfg.search, cfg.sampling, Progress())
+        row = await asyncio.to_thread(grade_row, item, res, tok, grader, cfg.search.method, cfg.save_text)
+        row["prompt_tokens"] = len(prompt)
+        results_file.append([row])
+        bar.update(1)
+
+    await gather_or_cancel(*(one(it) for it in todo))
 
 
 def run_eval(cfg: EvalConfig) -> "Any":
@@ -238,24 +261,11 @@ def run_eval(cfg: EvalConfig) -> "Any":
         print(f"[vgs eval] {len(todo)} of {total} problem×repetition items to run "
               f"({total - len(todo)} already in {results_file.path})", file=sys.stderr)
         engines = build_engines(cfg)
+        from vgs.aio import run_sync
         from vgs.grading import Grader
-        from vgs.prompts import prompt_ids
 
-        tok = engines.policy.tokenizer
         with Grader() as grader, tqdm(total=total, initial=total - len(todo), desc="problems", unit="prob") as bar:
-            for chunk in _chunks(todo, cfg.batch_size):
-                prompts = [prompt_ids(tok, it.problem.problem, cfg.prompt_template) for it in chunk]
-
-                def on_round(rnd: int, active: int) -> None:
-                    bar.set_postfix(round=rnd, active_beams=active)
-
-                results = run_search(prompts, [it.seed for it in chunk], engines, cfg.search, cfg.sampling,
-                                     on_round=on_round)
-                rows = grade_results(chunk, results, tok, grader, cfg.search.method, cfg.save_text)
-                for row, prompt in zip(rows, prompts):
-                    row["prompt_tokens"] = len(prompt)
-                results_file.append(rows)
-                bar.update(len(chunk))
+            run_sync(_run_items(cfg, todo, engines, grader, results_file, bar))
     else:
         print(f"[vgs eval] all {total} items already in {results_file.path}; nothing to generate", file=sys.stderr)
 
@@ -295,18 +305,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--benchmark", action="append", required=True, help=f"one of {', '.join(BENCHMARKS)}; repeatable")
     p.add_argument("--policy", required=True, help="policy model (local dir or Hub id)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the policy's)")
-    p.add_argument("--method", default="majority", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default="majority", help=f"one of {', '.join(METHOD_REGISTRY)}")
     p.add_argument("--value-model", default=None)
     p.add_argument("--value-backend", default="vllm", help="vllm (prefix-cached pooling) or hf (transformers)")
-    p.add_argument("--n", type=int, default=16, help="samples per problem (sampling methods, qsharp, cd)")
-    p.add_argument("--budget", type=int, default=8, help="VGS: blocks sampled per round per tree (N)")
-    p.add_argument("--beam-width", type=int, default=2, help="VGS: w, children per beam")
-    p.add_argument("--block-size", type=int, default=4096, help="VGS: tokens per block")
-    p.add_argument("--trees", type=int, default=1, help="VGS: independent DVTS trees per problem")
-    p.add_argument("--selection", default="global", help=f"VGS: one of {', '.join(SELECTIONS)}")
-    p.add_argument("--eta", type=float, default=0.1, help="qsharp/cd: KL weight η")
-    p.add_argument("--top-k", type=int, default=20, help="qsharp/cd: candidates scored per token")
-    p.add_argument("--report-kl", action="store_true", help="qsharp/cd: record per-sample KL(guided || ref)")
+    p.add_argument("--n", type=int, default=None, help="[16] samples per problem (sampling methods, qsharp, cd)")
+    p.add_argument("--budget", type=int, default=None, help="[8] VGS: blocks sampled per round per tree (N)")
+    p.add_argument("--beam-width", type=int, default=None, help="[2] VGS: w, children per beam")
+    p.add_argument("--block-size", type=int, default=None, help="[4096] VGS: tokens per block")
+    p.add_argument("--trees", type=int, default=None, help="[1] VGS: independent DVTS trees per problem")
+    p.add_argument("--selection", default=None, help=f"[global] VGS: one of {', '.join(SELECTIONS)}")
+    p.add_argument("--eta", type=float, default=None, help="[0.1] qsharp/cd: KL weight η")
+    p.add_argument("--top-k", type=int, default=None, help="[20] qsharp/cd: candidates scored per token")
+    p.add_argument("--report-kl", action="store_true", default=None, help="qsharp/cd: record per-sample KL(guided || ref)")
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -317,7 +327,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "(default: $VGS_DATA_DIR; without either, the Hub, falling "
                                                     "back to the copy shipped in benchmarks/data)")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
-    p.add_argument("--batch-size", type=int, default=32, help="problems searched together (results saved per batch)")
+    p.add_argument("--batch-size", type=int, default=64, help="problems in flight at most (each is saved as it finishes)")
+    p.add_argument("--max-sequences", type=int, default=None,
+                   help="live sequences in flight at most, over all problems (default: what the policy KV cache "
+                        "holds at full length)")
     p.add_argument("--prompt-template", default=DEFAULT_USER_TEMPLATE)
     p.add_argument("--no-save-text", dest="save_text", action="store_false", help="store token counts, not texts")
     add_engine_args(p)
@@ -337,15 +350,20 @@ def engine_kwargs(args: argparse.Namespace, value: bool) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    search = SearchConfig(method=args.method, n=args.n, budget=args.budget, beam_width=args.beam_width,
-                          block_size=args.block_size, trees=args.trees, selection=args.selection, eta=args.eta,
-                          top_k=args.top_k, report_kl=args.report_kl)
+    given = {k: getattr(args, k) for k in ("n", "budget", "beam_width", "block_size", "trees", "selection", "eta",
+                                           "top_k", "report_kl") if getattr(args, k) is not None}
+    try:  # the same parser as the server's `search` object: options that do not apply are errors
+        search = search_config_from_dict({"method": args.method, **given})
+    except VGSError as exc:
+        flag = f"--{exc.param.replace('_', '-')}" if exc.param and exc.param != "method" else None
+        raise VGSError(f"{flag}: {exc}" if flag else str(exc)) from None
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               seed=args.seed)
     return EvalConfig(benchmarks=args.benchmark, policy=args.policy, out=args.out, search=search, sampling=sampling,
                       value_model=args.value_model, tokenizer=args.tokenizer, value_backend=args.value_backend,
                       repetitions=args.repetitions, data_dir=args.data_dir, limit=args.limit,
-                      prompt_template=args.prompt_template, batch_size=args.batch_size, save_text=args.save_text,
+                      prompt_template=args.prompt_template, batch_size=args.batch_size,
+                      max_sequences=args.max_sequences, save_text=args.save_text,
                       policy_engine=engine_kwargs(args, value=False), value_engine=engine_kwargs(args, value=True))
 
 

@@ -16,12 +16,25 @@ class FakePolicy:
 
     eos_ids = [EOS]
     num_params = 1000
+    max_model_len = 10**6
 
-    def __init__(self, p_stop: float = 0.0, vocab: int = 20):
+    def __init__(self, p_stop: float = 0.0, vocab: int = 20, delay=None):
         self.p_stop, self.vocab, self.calls = p_stop, vocab, []
+        self.delay = delay  # prompt -> seconds to sleep before answering (scheduling tests)
+        self.cancelled = 0
+
+    async def agenerate(self, request, sampling):
+        import asyncio
+
+        self.calls.append(request)
+        try:
+            await asyncio.sleep(self.delay(request.prompt_ids) if self.delay else 0)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return self.generate([request], sampling)[0]
 
     def generate(self, requests, sampling, progress=False):
-        self.calls.append(list(requests))
         out = []
         for r in requests:
             samples = []

@@ -63,11 +63,12 @@ def test_budget_dvts_and_block_caps():
         # rounds of 8, 8, 4 tokens: 3 rounds, 2 active beams per tree, 3 children each
         assert [r["round"] for r in res.trace if r["tree"] == 0] == [0, 1, 2]
         assert res.compute.policy_tokens == 3 * 2 * 3 * (8 + 8 + 4)
-    # one generate call per round for all beams of both problems and all trees, n = w per beam
-    assert len(policy.calls) == 3
-    assert all(len(call) == 2 * 3 * 2 and all(r.n == 3 for r in call) for call in policy.calls)
-    assert [r.max_tokens for r in policy.calls[2]] == [4] * 12
-    assert scorer.calls == 3  # one batched scoring call per round
+    # per problem and tree, each round issues one request per active beam with n = w (3 rounds x 2 beams x 3
+    # trees x 2 problems), the last round capped at the 4 tokens left
+    assert len(policy.calls) == 3 * 2 * 3 * 2 and all(r.n == 3 for r in policy.calls)
+    assert sorted(r.max_tokens for r in policy.calls).count(4) == 12
+    # scoring calls of all concurrent trees and problems were coalesced into fewer model calls
+    assert scorer.calls < 3 * 3 * 2
 
 
 def test_finished_beams_are_frozen_and_not_rescored():
@@ -89,11 +90,81 @@ def test_finished_beams_are_frozen_and_not_rescored():
 
 def test_deterministic_under_seed():
     sampling = SamplingConfig(max_tokens=24)
-    run = lambda seed: run_search([[4, 5]], [seed], Engines(FakePolicy(0.2), MarkerScorer()), vgs_cfg(trees=2), sampling)[0]
+    def run(seed):
+        return run_search([[4, 5]], [seed], Engines(FakePolicy(0.2), MarkerScorer()), vgs_cfg(trees=2), sampling)[0]
+
     a, b, c = run(11), run(11), run(12)
     assert [x.token_ids for x in a.candidates] == [x.token_ids for x in b.candidates]
     assert [x.token_ids for x in a.candidates] != [x.token_ids for x in c.candidates]
     assert derive_seed(1, "aime24", "3", 0) == derive_seed(1, "aime24", "3", 0) != derive_seed(1, "aime24", "3", 1)
+
+
+def test_slow_problem_does_not_delay_a_fast_one():
+    """No global round barrier: a problem whose blocks are slow finishes after a fast one that
+    needs more rounds, and a cancelled search cancels its in-flight requests."""
+    import asyncio
+    import time
+
+    from vgs.aio import run_sync
+    from vgs.search import search
+
+    policy = FakePolicy(delay=lambda p: 0.3 if p[0] == 1 else 0.0)
+    engines = Engines(policy, MarkerScorer())
+    sampling = SamplingConfig(max_tokens=32)
+    done: list[str] = []
+
+    async def both():
+        async def one(name, prompt, cfg):
+            await search(prompt, 0, engines, cfg, sampling)
+            done.append(name)
+        await asyncio.gather(one("slow", [1], vgs_cfg(block_size=32)), one("fast", [2], vgs_cfg(block_size=4)))
+
+    run_sync(both())
+    assert done == ["fast", "slow"]  # fast ran 8 rounds while slow ran 1
+
+    async def cancelled():
+        task = asyncio.ensure_future(search([1], 0, engines, vgs_cfg(trees=2), sampling))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return time.monotonic()
+
+    before = policy.cancelled
+    run_sync(cancelled())
+    assert policy.cancelled - before == 4  # 2 trees x 2 beams in flight, all cancelled
+
+
+def test_same_results_alone_or_concurrent():
+    sampling = SamplingConfig(max_tokens=24)
+    cfg = vgs_cfg(trees=2)
+    prompts, seeds = [[1, 2], [3], [4, 5, 6]], [7, 8, 9]
+    together = run_search(prompts, seeds, Engines(FakePolicy(0.2), MarkerScorer()), cfg, sampling)
+    alone = [run_search([p], [s], Engines(FakePolicy(0.2), MarkerScorer()), cfg, sampling)[0]
+             for p, s in zip(prompts, seeds)]
+    for a, b in zip(together, alone):
+        assert [c.token_ids for c in a.candidates] == [c.token_ids for c in b.candidates]
+        assert a.compute.value_tokens == b.compute.value_tokens and a.trace == b.trace
+
+
+def test_registry_and_search_object_parsing():
+    from vgs.config import search_config_from_dict
+    from vgs.search.methods import METHOD_REGISTRY
+
+    assert set(METHOD_REGISTRY) == {"sample", "majority", "best_of_n", "weighted_majority", "vgs", "qsharp", "cd"}
+    cfg = search_config_from_dict({"method": "vgs", "budget": 16, "beam_width": 2, "trees": 2})
+    assert (cfg.budget, cfg.trees, METHOD_REGISTRY["vgs"].sequences(cfg)) == (16, 2, 32)
+    for bad, param, msg in [({"method": "majority", "beam_width": 4}, "beam_width", "does not apply"),
+                            ({"method": "vgs", "budget": 5}, "budget", "multiple of beam width"),
+                            ({"method": "nope"}, "method", "unknown method"),
+                            ({"method": "qsharp", "eta": float("nan")}, "eta", "must be a number"),
+                            ({"method": "vgs", "bogus": 1}, "bogus", "unknown search option"),
+                            ({"method": "majority", "n": "4"}, "n", "must be int"),
+                            ({"method": "majority", "n": 0}, "n", ">= 1")]:
+        with pytest.raises(VGSError, match=msg) as e:
+            search_config_from_dict(bad, param_prefix="search.")
+        assert e.value.param == "search." + param
 
 
 def test_config_errors():

@@ -1,7 +1,9 @@
 """One config type per concern, validated once (DESIGN rule 3).
 
-The CLI flags and the future HTTP `search` object both parse into these dataclasses and
-call `.validate()`; every range check lives here, so error messages are the same everywhere.
+The CLI flags and the HTTP `search` object both parse into these dataclasses
+(`search_config_from_dict`) and call `.validate()`; every range check lives here, so error
+messages are the same everywhere. Which `SearchConfig` fields apply to which method is the
+method registry's knowledge (`vgs.search.methods`); a field that does not apply is an error.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ METHODS = SAMPLING_METHODS + ("vgs",) + GUIDED_METHODS
 SELECTIONS = ("global", "per-parent", "random")
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg: str, param: str | None = None) -> None:
     if not cond:
-        raise ConfigError(msg)
+        raise ConfigError(msg, param=param)
 
 
 @dataclass
@@ -33,10 +35,10 @@ class SamplingConfig:
     seed: int = 0
 
     def validate(self) -> "SamplingConfig":
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
-        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}", "temperature")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}", "seed")
         return self
 
 
@@ -71,20 +73,59 @@ class SearchConfig:
         return self.budget * self.trees if self.method == "vgs" else self.n
 
     def validate(self) -> "SearchConfig":
-        _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        _check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}", "method")
+        _check(self.n >= 1, f"n must be >= 1, got {self.n}", "n")
         if self.method == "vgs":
-            _check(self.beam_width >= 1, f"beam width must be >= 1, got {self.beam_width}")
-            _check(self.budget >= self.beam_width, f"budget ({self.budget}) must be >= beam width ({self.beam_width})")
+            _check(self.beam_width >= 1, f"beam width must be >= 1, got {self.beam_width}", "beam_width")
+            _check(self.budget >= self.beam_width, f"budget ({self.budget}) must be >= beam width ({self.beam_width})", "budget")
             _check(self.budget % self.beam_width == 0,
-                   f"budget ({self.budget}) must be a multiple of beam width ({self.beam_width})")
-            _check(self.block_size >= 1, f"block size must be >= 1, got {self.block_size}")
-            _check(self.trees >= 1, f"trees must be >= 1, got {self.trees}")
-            _check(self.selection in SELECTIONS, f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+                   f"budget ({self.budget}) must be a multiple of beam width ({self.beam_width})", "budget")
+            _check(self.block_size >= 1, f"block size must be >= 1, got {self.block_size}", "block_size")
+            _check(self.trees >= 1, f"trees must be >= 1, got {self.trees}", "trees")
+            _check(self.selection in SELECTIONS, f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}",
+                   "selection")
         if self.method in GUIDED_METHODS:
-            _check(self.eta > 0, f"eta must be > 0, got {self.eta}")
-            _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+            _check(self.eta > 0, f"eta must be > 0, got {self.eta}", "eta")
+            _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}", "top_k")
         return self
+
+
+def search_config_from_dict(d: dict[str, Any], param_prefix: str = "") -> SearchConfig:
+    """Parse a `search` object (HTTP body, CLI flags given) into a validated SearchConfig.
+    Unknown keys, wrong types and keys that do not apply to the method are errors naming the
+    key; defaults fill the rest."""
+    from vgs.search.methods import METHOD_REGISTRY
+
+    if not isinstance(d, dict):
+        raise ConfigError("search must be an object", param=param_prefix.rstrip(".") or None)
+    method = d.get("method", SearchConfig.method)
+    _check(isinstance(method, str) and method in METHOD_REGISTRY,
+           f"unknown method {method!r}; choose one of {', '.join(METHOD_REGISTRY)}", param_prefix + "method")
+    spec = METHOD_REGISTRY[method]
+    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    kw: dict[str, Any] = {"method": method}
+    for k, v in d.items():
+        if k == "method":
+            continue
+        _check(k in fields, f"unknown search option {k!r}; options of {method!r}: "
+               f"{', '.join(spec.options) or 'none'}", param_prefix + k)
+        _check(k in spec.options, f"option {k!r} does not apply to method {method!r} (its options: "
+               f"{', '.join(spec.options) or 'none'})", param_prefix + k)
+        want = type(getattr(SearchConfig(), k))
+        ok = (isinstance(v, bool) if want is bool else
+              isinstance(v, int) and not isinstance(v, bool) if want is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) and v == v if want is float else
+              isinstance(v, want))
+        _check(ok, f"search option {k!r} must be {'a number' if want is float else want.__name__}, got {v!r}",
+               param_prefix + k)
+        kw[k] = float(v) if want is float else v
+    cfg = SearchConfig(**kw)
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        if exc.param and param_prefix:
+            exc.param = param_prefix + exc.param
+        raise
 
 
 @dataclass

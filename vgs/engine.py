@@ -1,16 +1,22 @@
 """The policy generation layer: token ids in, token ids + finish reason out.
 
-`PolicyEngine` wraps `vllm.LLM` for offline batch use. Every request carries its own
-`SamplingParams` (own `max_tokens`, `n`, seed, extra args), so one `generate` call can serve
-all beams of all problems of a search round while each respects its own length cap.
-Prefix caching is on: block continuations resubmit the exact token ids of prompt + beam,
-so the shared prefix is not recomputed.
+`PolicyEngine` wraps vLLM's `AsyncLLM`, owned by the process's engine loop (`vgs.aio`).
+Searches call `await agenerate(request)`: one vLLM request (`n` samples) per call, so every
+problem advances at its own pace while vLLM's continuous batching merges the requests of all
+problems in flight. Cancelling the awaiting task aborts the request in the engine. Sync
+callers (collect, speed scripts, tests) use `generate(list)`, which runs the same requests
+concurrently on the engine loop and waits.
+
+Prefix caching is on: block continuations resubmit the exact token ids of prompt + beam, so
+the shared prefix is not recomputed; each request reports the prompt tokens it actually
+prefilled (`GenSample.prefill_tokens`, from vLLM's `num_cached_tokens`) for FLOP accounting.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -39,6 +45,9 @@ class GenSample:
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # prompt tokens the request actually prefilled (prompt minus prefix-cache hits); set on the
+    # request's first sample only, so summing over samples counts each request once
+    prefill_tokens: int = 0
 
     @property
     def stopped(self) -> bool:
@@ -51,9 +60,12 @@ class PolicyBackend(Protocol):
 
     eos_ids: list[int]
     num_params: int
+    max_model_len: int
 
-    def generate(self, requests: Sequence[GenRequest], sampling: SamplingConfig,
-                 progress: bool = False) -> list[list[GenSample]]: ...
+    async def agenerate(self, request: GenRequest, sampling: SamplingConfig) -> list[GenSample]:
+        """One request's `n` samples, in order. Cancelling the caller aborts the request.
+        User-facing rejections raise VGSError."""
+        ...
 
 
 def on_cpu() -> bool:
@@ -134,7 +146,7 @@ def vllm_engine_kwargs(cfg: EngineConfig, generate: bool = True) -> dict[str, An
 
 
 class PolicyEngine:
-    """`vllm.LLM` in generate mode. Build one per process and share it.
+    """vLLM's `AsyncLLM` in generate mode, on the engine loop. Build one per process and share it.
 
     By default the Q♯/CD guidance logits processor is loaded (`vgs.guidance`): it is a no-op
     for requests without guidance `extra_args`, so guided and unguided requests share one
@@ -143,8 +155,7 @@ class PolicyEngine:
     def __init__(self, cfg: EngineConfig, logits_processors: list[Any] | None = None):
         cfg.validate()
         check_model_path(cfg.model)
-        from vllm import LLM
-
+        from vgs.aio import run_sync
         from vgs.prompts import eos_token_ids, load_tokenizer
 
         self.cfg = cfg
@@ -157,15 +168,26 @@ class PolicyEngine:
             logits_processors = [GUIDANCE_PROCESSOR]
         if logits_processors:
             kw["logits_processors"] = logits_processors
-        self.llm = LLM(**kw)
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.llm = run_sync(_start_async_llm(kw))  # built on the loop that will drive it
+        self.max_model_len = int(self.llm.model_config.max_model_len)
         self.num_params = count_params(cfg.model)
 
     def close(self) -> None:
-        shutdown_llm(self.llm)
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.shutdown()
+            except Exception as exc:  # noqa: BLE001 - best effort at teardown
+                log.debug("engine shutdown: %s", exc)
+
+    @property
+    def num_running(self) -> int:
+        """vLLM requests not finished yet (running or waiting): 0 after a cancelled search."""
+        return int(self.llm.get_num_unfinished_requests()) if self.llm is not None else 0
 
     def sampling_params(self, req: GenRequest, sampling: SamplingConfig) -> Any:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             n=req.n,
@@ -178,39 +200,70 @@ class PolicyEngine:
             skip_special_tokens=False,
             logprobs=req.logprobs,
             extra_args=req.extra_args,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.max_model_len:
+            raise VGSError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the policy's context of "
+                f"{self.max_model_len} tokens; lower max_tokens or raise --max-model-len")
+
+    async def agenerate(self, request: GenRequest, sampling: SamplingConfig) -> list[GenSample]:
+        """One vLLM request: its `n` samples in order. Runs on the engine loop; cancelling the
+        awaiting task aborts the request inside vLLM (AsyncLLM.generate does that)."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise VGSError("the policy engine is closed")
+        self.check_length(len(request.prompt_ids), request.max_tokens)
+        final = None
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
+                                               self.sampling_params(request, sampling),
+                                               request_id=uuid.uuid4().hex):
+                final = out
+        except VLLMValidationError as exc:  # e.g. bad guidance extra_args rejected at admission
+            raise VGSError(f"request rejected by the engine: {exc}") from exc
+        except ValueError as exc:  # vLLM's input checks (context length, token ids)
+            raise VGSError(f"request rejected by the engine: {exc}") from exc
+        assert final is not None
+        return _samples(final, len(request.prompt_ids))
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[GenSample]]:
-        """One vLLM call for all requests; returns, per request, its `n` samples in order."""
-        from vllm.inputs import TokensPrompt
+        """Sync facade: all requests concurrently on the engine loop; per request, its samples."""
+        from vgs.aio import gather_or_cancel, run_sync
 
         if not requests:
             return []
-        for r in requests:
-            if len(r.prompt_ids) + r.max_tokens > self.max_model_len:
-                raise VGSError(
-                    f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) exceeds the model's "
-                    f"context of {self.max_model_len} tokens; lower --max-tokens or raise --max-model-len")
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
-        params = [self.sampling_params(r, sampling) for r in requests]
-        from vllm.exceptions import VLLMValidationError
+        for r in requests:  # fail before anything is sent
+            self.check_length(len(r.prompt_ids), r.max_tokens)
+        return run_sync(gather_or_cancel(*(self.agenerate(r, sampling) for r in requests)))
 
-        try:
-            outs = self.llm.generate(prompts, params, use_tqdm=progress)
-        except VLLMValidationError as exc:  # e.g. bad guidance extra_args rejected at admission
-            raise VGSError(f"request rejected by the engine: {exc}") from exc
-        result: list[list[GenSample]] = []
-        for out in outs:
-            samples = []
-            for o in sorted(out.outputs, key=lambda o: o.index):
-                lps = None
-                if o.logprobs is not None:
-                    lps = [{int(t): float(lp.logprob) for t, lp in pos.items()} for pos in o.logprobs]
-                samples.append(GenSample(list(o.token_ids), str(o.finish_reason), o.cumulative_logprob, lps,
-                                         {"num_cached_tokens": getattr(out, "num_cached_tokens", None)}))
-            result.append(samples)
-        return result
+
+async def _start_async_llm(kw: dict[str, Any]) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kw = dict(kw)
+    kw.setdefault("disable_log_stats", True)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+
+
+def _samples(out: Any, prompt_len: int) -> list[GenSample]:
+    samples = []
+    cached = int(getattr(out, "num_cached_tokens", None) or 0)
+    for o in sorted(out.outputs, key=lambda o: o.index):
+        lps = None
+        if o.logprobs is not None:
+            lps = [{int(t): float(lp.logprob) for t, lp in pos.items()} for pos in o.logprobs]
+        samples.append(GenSample(list(o.token_ids), str(o.finish_reason), o.cumulative_logprob, lps,
+                                 {"num_cached_tokens": cached}))
+    if samples:
+        samples[0].prefill_tokens = max(0, prompt_len - cached)
+    return samples
 
 
 def shutdown_llm(llm: Any) -> None:

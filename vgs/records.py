@@ -36,6 +36,7 @@ class Compute:
     """What a search spent. FLOPs are the usual 2 * params * tokens estimate."""
 
     policy_tokens: int = 0  # tokens the policy generated
+    prefill_tokens: int = 0  # prompt tokens the policy actually prefilled (after prefix-cache hits)
     value_tokens: int = 0  # tokens the value model actually computed (after prefix-cache hits)
     value_calls: int = 0  # sequences scored by the value model
     policy_params: int = 0
@@ -43,7 +44,7 @@ class Compute:
 
     @property
     def policy_flops(self) -> float:
-        return 2.0 * self.policy_params * self.policy_tokens
+        return 2.0 * self.policy_params * (self.policy_tokens + self.prefill_tokens)
 
     @property
     def value_flops(self) -> float:
@@ -55,6 +56,7 @@ class Compute:
 
     def add(self, other: "Compute") -> None:
         self.policy_tokens += other.policy_tokens
+        self.prefill_tokens += other.prefill_tokens
         self.value_tokens += other.value_tokens
         self.value_calls += other.value_calls
 
@@ -69,3 +71,7 @@ class SearchResult:
     candidates: list[Candidate]
     compute: Compute = field(default_factory=Compute)
     trace: list[dict[str, Any]] = field(default_factory=list)  # per-round records (VGS)
+    # filled in by `vgs.search.finalize` (label-free: decode, extract, vote, choose)
+    answer: str | None = None  # the method's chosen answer
+    chosen: int | None = None  # index of the selected candidate (the chosen answer's best member)
+    votes: Any = None  # the vgs.grading.VoteResult the answer came from

@@ -224,6 +224,13 @@ class VllmValueScorer:
         self._memo = _ValueMemo()
 
     def score(self, sequences: list[list[int]]) -> list[float]:
+        values, per_seq = self.score_with_cost(sequences)
+        self.last_tokens_computed = per_seq
+        return values
+
+    def score_with_cost(self, sequences: list[list[int]]) -> tuple[list[float], list[int]]:
+        """Values, and the tokens actually run through the model for each sequence (from
+        vLLM's `num_cached_tokens`; 0 for a memo hit or a repeat within the call)."""
         from vllm.inputs import TokensPrompt
 
         seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
@@ -240,8 +247,7 @@ class VllmValueScorer:
                 self._memo.put(k, v)
                 for i in idx:
                     values[i] = v
-        self.last_tokens_computed = per_seq
-        return [float(v) for v in values]  # type: ignore[arg-type]
+        return [float(v) for v in values], per_seq  # type: ignore[arg-type]
 
     def reset_prefix_cache(self) -> None:
         """Forget cached KV and values (e.g. between benchmark runs)."""
@@ -470,6 +476,13 @@ class HFValueScorer:
         return batches
 
     def score(self, sequences: list[list[int]]) -> list[float]:
+        values, per_seq = self.score_with_cost(sequences)
+        self.last_tokens_computed = per_seq
+        return values
+
+    def score_with_cost(self, sequences: list[list[int]]) -> tuple[list[float], list[int]]:
+        """Values, and the tokens actually computed for each sequence (shared prefix work is
+        split among the sequences it served)."""
         seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
         values, todo = self._memo.lookup(seqs)
         per_seq = [0] * len(seqs)
@@ -488,8 +501,7 @@ class HFValueScorer:
                     if key in pending:
                         for i in pending.pop(key)[1]:
                             values[i] = v
-        self.last_tokens_computed = per_seq
-        return [float(v) for v in values]  # type: ignore[arg-type]
+        return [float(v) for v in values], per_seq  # type: ignore[arg-type]
 
     def reset_prefix_cache(self) -> None:
         self.store.clear()

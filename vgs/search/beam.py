@@ -8,24 +8,26 @@ published; `per-parent` keeps each parent's best child; `random` is the ablation
 ended on EOS or reached `max_tokens` is finished and frozen, with the value it was selected
 with as its final weight (no rescoring). `trees` independent searches per problem are pooled.
 
-Engineering: one `generate` call per round covers all active beams of all problems and trees
-(`n = w` per beam), and one batched scoring call covers all candidates; the value model only
-computes each candidate's new block thanks to prefix caching (token ids are resubmitted
-exactly). Every random choice is seeded per (problem, tree, round, beam), so results do not
-depend on batching.
+Engineering: one async search per problem; its trees grow concurrently, and each round of a
+tree issues one vLLM request per active beam (`n = w`) and one (coalesced) scoring call for
+its candidates. There is no barrier across problems or trees: vLLM's continuous batching and
+the value batcher merge the work of everything in flight. The value model only computes
+each candidate's new block thanks to prefix caching (token ids are resubmitted exactly).
+Every random choice is seeded per (problem, tree, round, beam), so results do not depend on
+scheduling. The round logic (`expand`, `select`, `advance`) is pure.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from vgs.config import SamplingConfig, SearchConfig
 from vgs.engine import GenRequest
 from vgs.records import Candidate, Compute, SearchResult
 from vgs.search import derive_seed
-from vgs.search.scoring import score_batch
+from vgs.search.scoring import score
 
 
 @dataclass
@@ -41,13 +43,40 @@ class Beam:
 
 
 @dataclass
-class _Cand:
-    problem: int
-    tree: int
+class Cand:
     parent: int
     tokens: list[int]
     finish_reason: str | None
     value: float = 0.0
+
+
+def expand(beams: list[Beam], active: list[int], outs: list[list[Any]], max_tokens: int) -> list[Cand]:
+    """The children of each active beam: its tokens + one sampled block each. A child is
+    finished on EOS ("stop") or when it reaches `max_tokens` ("length")."""
+    cands = []
+    for j, samples in zip(active, outs):
+        for smp in samples:
+            toks = beams[j].tokens + list(smp.token_ids)
+            fr = "stop" if smp.stopped else ("length" if len(toks) >= max_tokens else None)
+            cands.append(Cand(j, toks, fr))
+    return cands
+
+
+def advance(beams: list[Beam], cands: list[Cand], how: str, rng: random.Random, rnd: int, tree: int
+            ) -> tuple[list[Beam], dict[str, Any]]:
+    """Keep the best k candidates (k = active beams) in the active slots; finished beams stay
+    frozen with the value they were selected with. Returns the new beams and the round record."""
+    slots = [j for j, b in enumerate(beams) if b.active]
+    keep = select([c.value for c in cands], [c.parent for c in cands], len(slots), how, rng)
+    new = list(beams)
+    kept = [Beam(cands[c].tokens, cands[c].finish_reason, cands[c].value, beams[cands[c].parent].values +
+                 [cands[c].value]) for c in keep]
+    for slot, nb in zip(slots, kept):
+        new[slot] = nb
+    record = {"round": rnd, "tree": tree, "active": len(slots), "values": [round(c.value, 6) for c in cands],
+              "parents": [c.parent for c in cands], "lengths": [len(c.tokens) for c in cands], "kept": keep,
+              "finished": sum(1 for nb in kept if not nb.active)}
+    return new, record
 
 
 def select(values: list[float], parents: list[int], k: int, how: str, rng: random.Random) -> list[int]:
@@ -65,67 +94,48 @@ def select(values: list[float], parents: list[int], k: int, how: str, rng: rando
     raise ValueError(f"unknown selection {how!r}")
 
 
-def beam_search(prompts: list[list[int]], seeds: list[int], engines, search: SearchConfig,
-                sampling: SamplingConfig,
-                on_round: Callable[[int, int], None] | None = None) -> list[SearchResult]:
-    policy, scorer = engines.policy, engines.value
-    w, n_beams, max_total = search.beam_width, search.num_beams, sampling.max_tokens
-    trees = [[[Beam() for _ in range(n_beams)] for _ in range(search.trees)] for _ in prompts]
-    results = [SearchResult([], Compute(policy_params=policy.num_params, value_params=getattr(scorer, "num_params", 0)))
-               for _ in prompts]
-    rngs = {(i, t): random.Random(derive_seed(seeds[i], "select", t)) for i in range(len(prompts)) for t in range(search.trees)}
+async def beam_search(prompt: list[int], seed: int, engines, search: SearchConfig, sampling: SamplingConfig,
+                      events=None) -> SearchResult:
+    """VGS on one problem: `search.trees` trees grown concurrently, then pooled."""
+    from vgs.aio import gather_or_cancel
 
+    policy = engines.policy
+    comp = Compute(policy_params=policy.num_params, value_params=getattr(engines.value, "num_params", 0))
+    trees = await gather_or_cancel(*(_grow_tree(prompt, seed, t, engines, search, sampling, comp, events)
+                                     for t in range(search.trees)))
+    result = SearchResult([], comp)
+    for t, (beams, trace) in enumerate(trees):
+        result.trace.extend(trace)
+        for b in beams:
+            result.candidates.append(Candidate(token_ids=b.tokens, finish_reason=b.finish_reason or "length",
+                                               value=b.value, tree=t, info={"values": b.values}))
+    result.trace.sort(key=lambda r: (r["round"], r["tree"]))
+    return result
+
+
+async def _grow_tree(prompt: list[int], seed: int, t: int, engines, search: SearchConfig, sampling: SamplingConfig,
+                     comp: Compute, events) -> tuple[list[Beam], list[dict[str, Any]]]:
+    from vgs.aio import gather_or_cancel
+
+    policy, w, max_total = engines.policy, search.beam_width, sampling.max_tokens
+    beams = [Beam() for _ in range(search.num_beams)]
+    rng = random.Random(derive_seed(seed, "select", t))
+    trace: list[dict[str, Any]] = []
     rnd = 0
-    while True:
-        active = [(i, t, j) for i, tr in enumerate(trees) for t, beams in enumerate(tr)
-                  for j, b in enumerate(beams) if b.active]
-        if not active:
-            break
-        reqs = []
-        for i, t, j in active:
-            beam = trees[i][t][j]
-            reqs.append(GenRequest(prompts[i] + beam.tokens, min(search.block_size, max_total - len(beam.tokens)),
-                                   n=w, seed=derive_seed(seeds[i], t, rnd, j)))
-        outs = policy.generate(reqs, sampling)
-
-        cands: list[_Cand] = []
-        for (i, t, j), samples in zip(active, outs):
-            parent = trees[i][t][j]
-            for s in samples:
-                toks = parent.tokens + s.token_ids
-                fr = "stop" if s.stopped else ("length" if len(toks) >= max_total else None)
-                cands.append(_Cand(i, t, j, toks, fr))
-                results[i].compute.policy_tokens += len(s.token_ids)
-        values, computed = score_batch(scorer, [prompts[c.problem] + c.tokens for c in cands])
-        for c, v, n_tok in zip(cands, values, computed):
+    while active := [j for j, b in enumerate(beams) if b.active]:
+        reqs = [GenRequest(prompt + beams[j].tokens, min(search.block_size, max_total - len(beams[j].tokens)),
+                           n=w, seed=derive_seed(seed, t, rnd, j)) for j in active]
+        outs = await gather_or_cancel(*(policy.agenerate(r, sampling) for r in reqs))
+        for samples in outs:
+            comp.policy_tokens += sum(len(s.token_ids) for s in samples)
+            comp.prefill_tokens += sum(s.prefill_tokens for s in samples)
+        cands = expand(beams, active, outs, max_total)
+        values = await score(engines, [prompt + c.tokens for c in cands], comp)
+        for c, v in zip(cands, values):
             c.value = v
-            results[c.problem].compute.value_tokens += n_tok
-            results[c.problem].compute.value_calls += 1
-
-        groups: dict[tuple[int, int], list[_Cand]] = {}
-        for c in cands:
-            groups.setdefault((c.problem, c.tree), []).append(c)
-        for (i, t), group in groups.items():
-            beams = trees[i][t]
-            slots = [j for j, b in enumerate(beams) if b.active]
-            keep = select([c.value for c in group], [c.parent for c in group], len(slots), search.selection, rngs[(i, t)])
-            new_beams = [Beam(group[c].tokens, group[c].finish_reason, group[c].value,
-                              beams[group[c].parent].values + [group[c].value]) for c in keep]
-            for slot, nb in zip(slots, new_beams):
-                beams[slot] = nb
-            results[i].trace.append({
-                "round": rnd, "tree": t, "active": len(slots),
-                "values": [round(c.value, 6) for c in group], "parents": [c.parent for c in group],
-                "lengths": [len(c.tokens) for c in group], "kept": keep,
-                "finished": sum(1 for nb in new_beams if not nb.active),
-            })
+        beams, record = advance(beams, cands, search.selection, rng, rnd, t)
+        trace.append(record)
+        if events is not None:
+            events.round(tree=t, round=rnd, active=len(active), best_value=max(values) if values else None)
         rnd += 1
-        if on_round is not None:
-            on_round(rnd, len(active))
-
-    for i, tr in enumerate(trees):
-        for t, beams in enumerate(tr):
-            for b in beams:
-                results[i].candidates.append(Candidate(token_ids=b.tokens, finish_reason=b.finish_reason or "length",
-                                                       value=b.value, tree=t, info={"values": b.values}))
-    return results
+    return beams, trace

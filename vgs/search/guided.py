@@ -3,7 +3,7 @@ problem, each decoded with the value model's offsets added at every token by the
 logits processor the policy engine loads (`vgs.guidance`). Voting over the n samples (maj@n,
 pass@1) is the caller's job, exactly as for plain sampling.
 
-Each sample is its own vLLM request (n = 1) with seed `seed + j` — the seeds vLLM gives the
+Each sample is its own vLLM request (n = 1, all in flight together) with seed `seed + j` — the seeds vLLM gives the
 children of an n-sample request, so guided and unguided runs with the same seeds are
 comparable — and its own `vgs_report_key`, through which the worker reports the sample's KL and
 value-model tokens (see `vgs.guidance.report`).
@@ -11,13 +11,14 @@ value-model tokens (see `vgs.guidance.report`).
 
 from __future__ import annotations
 
+import os
 import uuid
 
 from vgs.config import SamplingConfig, SearchConfig
 from vgs.engine import GenRequest
 from vgs.errors import VGSError
 from vgs.guidance.params import GuideParams, parse_guide_params
-from vgs.guidance.report import read_report
+from vgs.guidance.report import read_report, report_path
 from vgs.records import Candidate, Compute, SearchResult
 
 
@@ -50,9 +51,11 @@ def guide_params(search: SearchConfig, value_model: str, report_key: str | None 
     return GuideParams(params.method, params.value_model, params.eta, params.top_k, report_key)
 
 
-def guided_sample(prompts: list[list[int]], seeds: list[int], engines, search: SearchConfig,
-                  sampling: SamplingConfig) -> list[SearchResult]:
-    """`search.n` guided samples per prompt, all in one `generate` call."""
+async def guided_sample(prompt: list[int], seed: int, engines, search: SearchConfig, sampling: SamplingConfig,
+                        events=None) -> SearchResult:
+    """`search.n` guided samples of one prompt, each its own vLLM request (run concurrently)."""
+    from vgs.aio import gather_or_cancel
+
     if search.method not in ("qsharp", "cd"):
         raise VGSError(f"guided_sample runs qsharp or cd, not {search.method!r}")
     if not engines.value_model:
@@ -60,34 +63,49 @@ def guided_sample(prompts: list[list[int]], seeds: list[int], engines, search: S
     policy = engines.policy
     base = guide_params(search, engines.value_model)
     run = uuid.uuid4().hex
-    reqs, keys = [], []
-    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        for j in range(search.n):
-            key = f"{run}-{i}-{j}"
-            args = GuideParams(base.method, base.value_model, base.eta, base.top_k, key).to_extra_args()
-            reqs.append(GenRequest(list(prompt), sampling.max_tokens, n=1, seed=seed + j, extra_args=args))
-            keys.append(key)
-    outs = policy.generate(reqs, sampling)
-    value_params = value_model_params(engines.value_model)
-    results: list[SearchResult] = []
-    for i in range(len(prompts)):
-        comp = Compute(policy_params=policy.num_params, value_params=value_params)
-        cands = []
-        for j in range(search.n):
-            k = i * search.n + j
-            sample = outs[k][0]
-            rep = read_report(keys[k], len(sample.token_ids))
-            if rep is None and sample.token_ids:
-                raise VGSError("the policy engine did not apply guidance (no report from the worker); build it "
-                               "with the guidance logits processor (PolicyEngine's default)")
-            info = {"eta": base.eta, "top_k": base.top_k}
-            if rep is not None:
-                info["value_tokens"] = rep.value_tokens
-                if search.report_kl:
-                    info.update(kl=rep.kl, kl_t1=rep.kl_t1)
-                comp.value_tokens += rep.value_tokens
-                comp.value_calls += rep.steps * base.top_k
-            comp.policy_tokens += len(sample.token_ids)
-            cands.append(Candidate(token_ids=sample.token_ids, finish_reason=sample.finish_reason, info=info))
-        results.append(SearchResult(cands, comp))
-    return results
+    keys = [f"{run}-{j}" for j in range(search.n)]
+    reqs = [GenRequest(list(prompt), sampling.max_tokens, n=1, seed=seed + j,
+                       extra_args=GuideParams(base.method, base.value_model, base.eta, base.top_k, key).to_extra_args())
+            for j, key in enumerate(keys)]
+    try:
+        outs = await gather_or_cancel(*(policy.agenerate(r, sampling) for r in reqs))
+    except BaseException:
+        for key in keys:  # a cancelled or failed search leaves no report file behind
+            drop_report(key)
+        raise
+    comp = Compute(policy_params=policy.num_params, value_params=_value_params(engines.value_model))
+    cands = []
+    for key, samples in zip(keys, outs):
+        sample = samples[0]
+        rep = read_report(key, len(sample.token_ids))
+        if rep is None and sample.token_ids:
+            raise VGSError("the policy engine did not apply guidance (no report from the worker); build it "
+                           "with the guidance logits processor (PolicyEngine's default)")
+        info = {"eta": base.eta, "top_k": base.top_k}
+        if rep is not None:
+            info["value_tokens"] = rep.value_tokens
+            if search.report_kl:
+                info.update(kl=rep.kl, kl_t1=rep.kl_t1)
+            comp.value_tokens += rep.value_tokens
+            comp.value_calls += rep.steps * base.top_k
+        comp.policy_tokens += len(sample.token_ids)
+        comp.prefill_tokens += sample.prefill_tokens
+        cands.append(Candidate(token_ids=sample.token_ids, finish_reason=sample.finish_reason, info=info))
+    return SearchResult(cands, comp)
+
+
+def drop_report(key: str) -> None:
+    """Remove a report the worker may have written for an aborted request."""
+    try:
+        os.remove(report_path(key))
+    except OSError:
+        pass
+
+
+_PARAMS: dict[str, int] = {}
+
+
+def _value_params(path: str) -> int:
+    if path not in _PARAMS:
+        _PARAMS[path] = value_model_params(path)
+    return _PARAMS[path]

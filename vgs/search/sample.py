@@ -1,41 +1,26 @@
 """Independent sampling: the baseline every search is compared with (plain sampling,
 majority vote, best-of-N, weighted majority all start from the same N samples; they differ
-only in how the caller aggregates them)."""
+only in the vote that picks the answer, see `vgs.search.methods`). One vLLM request with
+`n` samples per problem."""
 
 from __future__ import annotations
 
 from vgs.config import SamplingConfig, SearchConfig
 from vgs.engine import GenRequest
 from vgs.records import Candidate, Compute, SearchResult
-from vgs.search.scoring import score_batch
+from vgs.search.scoring import score
 
 
-def score_candidates(engines, prompts: list[list[int]], results: list[SearchResult]) -> None:
-    """Value-score every candidate's full sequence (prompt + response) in one batched call."""
-    if engines.value is None:
-        return
-    seqs, owners = [], []
-    for prompt, res in zip(prompts, results):
-        for c in res.candidates:
-            seqs.append(list(prompt) + list(c.token_ids))
-            owners.append((res, c))
-    values, computed = score_batch(engines.value, seqs)
-    for (res, c), v, t in zip(owners, values, computed):
-        c.value = v
-        res.compute.value_calls += 1
-        res.compute.value_tokens += t
-
-
-def sample_n(prompts: list[list[int]], seeds: list[int], engines, search: SearchConfig,
-             sampling: SamplingConfig) -> list[SearchResult]:
+async def sample_n(prompt: list[int], seed: int, engines, cfg: SearchConfig, sampling: SamplingConfig,
+                   events=None) -> SearchResult:
     policy = engines.policy
-    reqs = [GenRequest(list(p), sampling.max_tokens, n=search.n, seed=s) for p, s in zip(prompts, seeds)]
-    outs = policy.generate(reqs, sampling)
-    results = []
-    for samples in outs:
-        cands = [Candidate(token_ids=s.token_ids, finish_reason=s.finish_reason) for s in samples]
-        comp = Compute(policy_tokens=sum(len(s.token_ids) for s in samples), policy_params=policy.num_params,
-                       value_params=getattr(engines.value, "num_params", 0))
-        results.append(SearchResult(cands, comp))
-    score_candidates(engines, prompts, results)
-    return results
+    samples = await policy.agenerate(GenRequest(list(prompt), sampling.max_tokens, n=cfg.n, seed=seed), sampling)
+    cands = [Candidate(token_ids=s.token_ids, finish_reason=s.finish_reason) for s in samples]
+    comp = Compute(policy_tokens=sum(len(s.token_ids) for s in samples),
+                   prefill_tokens=sum(s.prefill_tokens for s in samples), policy_params=policy.num_params,
+                   value_params=getattr(engines.value, "num_params", 0))
+    if engines.value is not None:  # every candidate's full sequence, in one (coalesced) call
+        values = await score(engines, [list(prompt) + list(c.token_ids) for c in cands], comp)
+        for c, v in zip(cands, values):
+            c.value = v
+    return SearchResult(cands, comp)

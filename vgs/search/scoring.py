@@ -1,22 +1,18 @@
-"""Value scoring as the searches use it: one batched call, with the tokens the value model
-actually computed attributed to each sequence (for per-problem FLOP accounting)."""
+"""Value scoring as the searches use it: through the scorer's shared coalescing batcher,
+with the tokens the value model actually computed reported per sequence (so each search's
+FLOPs are its own under concurrency)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Sequence
+
+from vgs.batcher import Score, batcher_for
+from vgs.records import Compute
 
 
-def score_batch(scorer: Any, seqs: list[list[int]]) -> tuple[list[float], list[int]]:
-    """Values and per-sequence computed tokens. Uses the scorer's per-sequence counts when it
-    reports them (`last_tokens_computed`); otherwise splits its cumulative counter in
-    proportion to sequence length."""
-    if not seqs:
-        return [], []
-    before = scorer.tokens_computed
-    values = [float(v) for v in scorer.score(seqs)]
-    per_seq = getattr(scorer, "last_tokens_computed", None)
-    if per_seq is None or len(per_seq) != len(seqs):
-        spent = scorer.tokens_computed - before
-        total = sum(len(s) for s in seqs) or 1
-        per_seq = [round(spent * len(s) / total) for s in seqs]
-    return values, [int(t) for t in per_seq]
+async def score(engines, seqs: Sequence[Sequence[int]], compute: Compute) -> list[float]:
+    """Values of `seqs`; adds the calls and computed tokens to `compute`."""
+    scores: list[Score] = await batcher_for(engines.value).score(seqs)
+    compute.value_calls += len(scores)
+    compute.value_tokens += sum(s.computed_tokens for s in scores)
+    return [s.value for s in scores]

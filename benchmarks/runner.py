@@ -89,7 +89,8 @@ class EvalConfig:
         if self.search.method == "vgs":
             search["n"] = full["n"]  # kept: fingerprints written before the registry had it
         return {"policy": self.policy, "value_model": self.value_model, "tokenizer": self.tokenizer,
-                "search": search, "sampling": asdict(self.sampling), "prompt_template": self.prompt_template}
+                "search": search, "sampling": {k: v for k, v in asdict(self.sampling).items() if k != "stop" or v},
+                "prompt_template": self.prompt_template}
 
 
 # ----------------------------------------------------------------------------- results file

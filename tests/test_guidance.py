@@ -541,12 +541,11 @@ def test_guided_sample_search_and_bad_params(policy_engine, tiny_value):
     from vgs.config import SamplingConfig, SearchConfig
     from vgs.engine import GenRequest
     from vgs.errors import VGSError
-    from vgs.search import Engines
-    from vgs.search.guided import guided_sample
+    from vgs.search import Engines, run_search
 
     samp = SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=8, seed=0)
     search = SearchConfig(method="qsharp", n=3, eta=0.1, top_k=5, report_kl=True).validate()
-    res = guided_sample([PROMPT, PROMPT[:10]], [7, 8], Engines(policy_engine, value_model=tiny_value), search, samp)
+    res = run_search([PROMPT, PROMPT[:10]], [7, 8], Engines(policy_engine, value_model=tiny_value), search, samp)
     assert len(res) == 2 and all(len(r.candidates) == 3 for r in res)
     for prompt, r in zip([PROMPT, PROMPT[:10]], res):
         assert r.compute.policy_tokens == sum(c.num_tokens for c in r.candidates)
@@ -555,8 +554,8 @@ def test_guided_sample_search_and_bad_params(policy_engine, tiny_value):
         for c in r.candidates:
             assert c.info["kl"] > 0 and c.info["kl_t1"] > 0 and c.finish_reason in ("stop", "length")
     with pytest.raises(VGSError, match="eta"):
-        guided_sample([PROMPT], [0], Engines(policy_engine, value_model=tiny_value),
-                      SearchConfig(method="cd", n=1, eta=-1.0), samp)
+        run_search([PROMPT], [0], Engines(policy_engine, value_model=tiny_value),
+                   SearchConfig(method="cd", n=1, eta=-1.0), samp)
     # Bad per-request arguments are refused at admission (→ HTTP 400 in a server; offline
     # PolicyEngine turns vLLM's VLLMValidationError into a VGSError) ...
     with pytest.raises(VGSError, match="vgs_top_k"):

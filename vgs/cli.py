@@ -16,6 +16,7 @@ from vgs.errors import VGSError
 COMMAND_MODULES = [
     "vgs.commands.make_tiny",
     "benchmarks.runner",
+    "vgs.server",
     "benchmarks.report",
     "value_models.collect",
     "value_models.rounds",

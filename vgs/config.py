@@ -33,12 +33,14 @@ class SamplingConfig:
     top_p: float = 0.95
     max_tokens: int = 16384
     seed: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings (the server's `stop`); EOS always stops
 
     def validate(self) -> "SamplingConfig":
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}", "temperature")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}", "seed")
+        _check(all(isinstance(x, str) and x for x in self.stop), "stop must be a list of non-empty strings", "stop")
         return self
 
 

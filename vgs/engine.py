@@ -196,7 +196,8 @@ class PolicyEngine:
             max_tokens=req.max_tokens,
             seed=req.seed,
             stop_token_ids=self.eos_ids,
-            detokenize=False,
+            stop=list(sampling.stop) or None,
+            detokenize=bool(sampling.stop),  # stop strings need text; ids stay the currency
             skip_special_tokens=False,
             logprobs=req.logprobs,
             extra_args=req.extra_args,
@@ -259,8 +260,10 @@ def _samples(out: Any, prompt_len: int) -> list[GenSample]:
         lps = None
         if o.logprobs is not None:
             lps = [{int(t): float(lp.logprob) for t, lp in pos.items()} for pos in o.logprobs]
-        samples.append(GenSample(list(o.token_ids), str(o.finish_reason), o.cumulative_logprob, lps,
-                                 {"num_cached_tokens": cached}))
+        info: dict[str, Any] = {"num_cached_tokens": cached}
+        if isinstance(o.stop_reason, str):
+            info["stop_string"] = o.stop_reason
+        samples.append(GenSample(list(o.token_ids), str(o.finish_reason), o.cumulative_logprob, lps, info))
     if samples:
         samples[0].prefill_tokens = max(0, prompt_len - cached)
     return samples

@@ -103,6 +103,13 @@ class Admission:
             self.in_use += w
             fut.set_result(None)
 
+    def would_refuse(self, weight: int) -> bool:
+        """Whether `acquire(weight)` would raise Busy now."""
+        w = max(1, min(int(weight), self.capacity))
+        if not self._waiters and (self.in_use + w <= self.capacity or self.in_use == 0):
+            return False
+        return self.queued + w > self.max_queued
+
     async def acquire(self, weight: int, wait: bool = True) -> int:
         w = max(1, min(int(weight), self.capacity))
         if not self._waiters and (self.in_use + w <= self.capacity or self.in_use == 0):

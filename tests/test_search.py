@@ -200,3 +200,67 @@ def test_vgs_through_real_vllm_prefers_known_values(policy_engine):
             assert rec["kept"] == top
         for c in r.candidates:
             assert c.num_tokens <= 32 and (c.finish_reason == "stop" or c.num_tokens == 32)
+
+
+def test_admission_by_live_sequences():
+    """Weighted FIFO admission: a VGS search weighs budget x trees; waiting work beyond the
+    queue limit is refused (the server's 429); a cancelled waiter leaves no trace."""
+    import asyncio
+
+    from vgs.aio import run_sync
+    from vgs.runtime import Admission, Busy
+
+    async def scenario():
+        adm = Admission(8, max_queued=4)
+        a = await adm.acquire(6)
+        assert adm.in_use == 6 and adm.would_refuse(5) is True and adm.would_refuse(2) is False
+        waiter = asyncio.ensure_future(adm.acquire(4))  # does not fit: queued
+        await asyncio.sleep(0)
+        assert adm.queued == 4 and not waiter.done()
+        with pytest.raises(Busy):
+            await adm.acquire(1)  # queue full
+        adm.release(a)
+        assert await waiter == 4 and adm.in_use == 4 and adm.queued == 0
+        adm.release(4)
+        big = await adm.acquire(100)  # heavier than the limit: admitted alone, clamped
+        assert big == 8 and adm.in_use == 8
+        late = asyncio.ensure_future(adm.acquire(2))
+        await asyncio.sleep(0)
+        late.cancel()
+        await asyncio.gather(late, return_exceptions=True)
+        adm.release(big)
+        assert adm.in_use == 0 and adm.queued == 0
+
+    run_sync(scenario())
+
+
+def test_value_batcher_coalesces_and_attributes_cost():
+    import asyncio
+
+    from vgs.aio import run_sync
+    from vgs.batcher import ValueBatcher
+
+    class CostScorer(MarkerScorer):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def score_with_cost(self, seqs):
+            self.batches.append(len(seqs))
+            return self.score(seqs), [len(s) - 1 for s in seqs]  # pretend 1 token was cached
+
+    async def scenario():
+        sc = CostScorer()
+        b = ValueBatcher(sc, max_batch=100, max_wait_ms=20)
+        dropped = asyncio.ensure_future(b.score([[9] * 50]))
+        calls = [b.score([[MARKER] * k + [1]] * 2) for k in range(1, 6)]
+        await asyncio.sleep(0)
+        dropped.cancel()
+        out = await asyncio.gather(*calls)
+        assert sc.batches == [10]  # five concurrent calls, one model call; the cancelled one dropped
+        for k, scores in enumerate(out, start=1):
+            assert [s.computed_tokens for s in scores] == [k, k]
+            assert scores[0].value == pytest.approx(k / (k + 1))
+        b.close()
+
+    run_sync(scenario())

@@ -174,11 +174,20 @@ class PolicyEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
+        if llm is None:
+            return
+        from vgs.aio import on_engine_loop, run_sync
+
+        async def shutdown() -> None:  # on the loop that owns its tasks
+            llm.shutdown()
+
+        try:
+            if on_engine_loop():
                 llm.shutdown()
-            except Exception as exc:  # noqa: BLE001 - best effort at teardown
-                log.debug("engine shutdown: %s", exc)
+            else:
+                run_sync(shutdown(), timeout=60)
+        except Exception as exc:  # noqa: BLE001 - best effort at teardown
+            log.debug("engine shutdown: %s", exc)
 
     @property
     def num_running(self) -> int:

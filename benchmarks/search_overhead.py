@@ -6,9 +6,10 @@ Same problems (real AIME 2024 prompts), same tiny policy and value model (real v
 head size 64), measured side by side in one process with one policy engine and one value
 engine:
 
-  (a) VGS: budget 8, beam width 2 (4 beams), block 64, max 256 tokens — 4 rounds, one
-      `generate` and one batched scoring call per round for all problems;
-  (b) plain sampling: n = 8, max 256 tokens — one `generate` call.
+  (a) VGS: budget 8, beam width 2 (4 beams), block 64, max 256 tokens — 4 rounds per problem,
+      all problems concurrently on the async core (one vLLM request per beam per round, value
+      calls coalesced across problems);
+  (b) plain sampling: n = 8, max 256 tokens — one vLLM request per problem.
 
 A random tiny model rarely emits EOS, so both arms generate close to the same number of
 tokens; the ratio is per generated token anyway.

@@ -86,7 +86,7 @@ def test_every_method_completions_and_chat(client, method):
     # usage counts every token of every candidate; value tokens are reported separately
     assert res.usage.completion_tokens == sum(c["num_tokens"] for c in cands) or method == "vgs"
     assert res.usage.completion_tokens >= sum(c["num_tokens"] for c in cands)
-    assert res.model_extra["usage"]["value_tokens"] == info["compute"]["value_tokens"]
+    assert res.usage.model_extra["value_tokens"] == info["compute"]["value_tokens"]
     if method in ("best_of_n", "weighted_majority", "vgs"):
         assert all(0.0 <= c["value"] <= 1.0 for c in cands) and info["compute"]["value_tokens"] > 0
     if method in ("qsharp", "cd"):

@@ -341,11 +341,13 @@ class Runner:
                 yield chunk(0, "", None, role=True)
             while not run.done():
                 get = asyncio.ensure_future(self.progress.queue.get())
-                await asyncio.wait({run, get}, return_when=asyncio.FIRST_COMPLETED)
-                if get.done():
+                try:
+                    await asyncio.wait({run, get}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not get.done():
+                        get.cancel()
+                if get.done() and not get.cancelled():
                     yield chunk(0, "", None, extra={"vgs": {"progress": get.result()}})
-                else:
-                    get.cancel()
             try:
                 result = run.result()
             except Exception as exc:  # noqa: BLE001 - reported in the stream, as vLLM's server does

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from benchmarks.datasets import BENCHMARKS, Problem, load_benchmark
 from vgs.config import SELECTIONS, EngineConfig, search_config_from_dict, SamplingConfig, SearchConfig
@@ -247,7 +247,7 @@ def run_eval(cfg: EvalConfig) -> "Any":
     from tqdm import tqdm
 
     from benchmarks.report import budget_curve, format_table, plot_accuracy_vs_budget, summarize
-    from vgs.search import derive_seed, run_search
+    from vgs.search import derive_seed
 
     cfg.validate()
     problems = {b: load_benchmark(b, cfg.data_dir, cfg.limit) for b in cfg.benchmarks}

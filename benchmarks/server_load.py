@@ -4,8 +4,10 @@
 
 One `vgs serve` app (in this process, on 127.0.0.1) over a tiny policy and value model (real
 vocabulary, head size 64). Each request is a chat completion of a real AIME 2024 problem
-with `search = {"method": "vgs", "budget": 4, "beam_width": 2, "block_size": 32}` and
-`max_tokens = 128`, sent over HTTP by client threads. Both arms send the same requests (same
+with `search = {"method": "vgs", "budget": 4, "beam_width": 2, "block_size": 32}`,
+`max_tokens = 128`, temperature 1 and top-p 1 (top-p < 1 sorts the 152k-entry vocabulary for
+every token, a per-token cost on CPU that would hide what batching saves), sent over HTTP by
+client threads. Both arms send the same requests (same
 seeds); the prefix caches are reset before each arm. Throughput = generated tokens
 (`usage.completion_tokens`, all candidates) per second of wall time; latency is per request.
 Ends with `concurrent_over_sequential_throughput: X`; the goal is X >= 4 on a 2-core CPU.
@@ -14,6 +16,7 @@ Ends with `concurrent_over_sequential_throughput: X`; the goal is X >= 4 on a 2-
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +60,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{handle.port}/v1/chat/completions"
     problems = load_benchmark("aime24", args.data_dir)
     bodies = [{"model": "tiny", "messages": [{"role": "user", "content": problems[i % len(problems)].problem}],
-               "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i,
+               "max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": i,
                "search": {"method": "vgs", "budget": 4, "beam_width": 2, "block_size": 32}}
               for i in range(args.requests)]
 
@@ -79,6 +82,7 @@ def main() -> None:
             t0 = time.perf_counter()
             seq = [send(client, b) for b in bodies]
             seq_wall = time.perf_counter() - t0
+        print(f"[server_load] sequential: {seq_wall:.1f} s", file=sys.stderr, flush=True)
         reset()
         with ThreadPoolExecutor(len(bodies)) as pool, httpx.Client(limits=httpx.Limits(max_connections=64)) as client:
             t0 = time.perf_counter()

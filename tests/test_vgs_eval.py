@@ -43,10 +43,11 @@ def test_vgs_eval_end_to_end(policy_engine, vllm_value_scorer, tiny_policy, tiny
         scored = sum(le + r["prompt_tokens"] for t in r["trace"] for le in t["lengths"])
         assert 0 < comp["value_tokens"] < scored
         assert comp["value_flops"] > 0 and comp["policy_flops"] > 0
-        # prefill counts what the policy actually computed: the prefix cache serves the prompt
-        # (and earlier blocks) of every request after the first ones
-        requests = sum(t["active"] for t in r["trace"])
-        assert 0 < comp["prefill_tokens"] < requests * r["prompt_tokens"]
+        # prefill counts what the policy actually computed: less than the requests' full
+        # prompts (prompt + the beam so far: 64 tokens per earlier round), as the prefix cache
+        # serves full 128-token blocks of earlier rounds
+        sent = sum(t["active"] * (r["prompt_tokens"] + 64 * t["round"]) for t in r["trace"])
+        assert 0 < comp["prefill_tokens"] < sent
         assert comp["policy_flops"] == 2.0 * comp["policy_params"] * (comp["policy_tokens"] + comp["prefill_tokens"])
         for s in r["samples"]:  # the final weight is the value the beam was selected with
             assert s["value"] == pytest.approx(s["info"]["values"][-1])

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from value_models.data import (Example, StepSampler, ValueDataset, collate, length_buckets, split_by_problem)
+from value_models.data import (Example, StepSampler, ValueDataset, collate, length_buckets, problems_to_drop,
+                               split_by_problem)
+from vgs.errors import VGSError
 from value_models.modeling import token_level_loss
 from value_models.train import binary_metrics, lr_at, sequence_losses, TrainConfig
 
@@ -119,15 +121,28 @@ def test_dataset_truncation_usable_and_split(tmp_path):
     assert set(ds.problem_ids[::-1][va2]) == set(ds.problem_ids[va])
     tr3, va3 = ds.split(np.arange(len(ds)), 0.25, seed=3)  # the trainer's (hash each id once)
     assert va3.tolist() == va.tolist() and tr3.tolist() == tr.tolist()
-    # memory-mapped Arrow cache: same rows
-    cached = ValueDataset(str(tmp_path / "d"), max_length=14, cache_dir=str(tmp_path / "cache"))
-    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 1
+    # prepared (memory-mapped Arrow, streamed in small batches -> several record batches): same rows
+    from value_models.prepare import prepare
+
+    meta = prepare(str(tmp_path / "d"), str(tmp_path / "prep"), batch_rows=10, progress=False)
+    assert meta["rows"] == 96 and meta["labels"] == np.bincount(ds.labels, minlength=3).tolist()
+    cached = ValueDataset(str(tmp_path / "prep"), max_length=14)
+    assert len(cached._segs) == 10  # 96 rows in batches of 10, each a zero-copy segment
     assert all((cached[j].input_ids == ds[j].input_ids).all() and cached[j].out_start == ds[j].out_start
                for j in range(len(ds)))
-    # several files: global row indices run across them
+    # several files: global row indices run across them; a changed source makes the prepared copy stale
     write_synthetic(tmp_path / "d" / "b.parquet", n_problems=2, seed=1)
-    two = ValueDataset(str(tmp_path / "d"), max_length=14, cache_dir=str(tmp_path / "cache"))
+    meta2 = prepare(str(tmp_path / "d"), str(tmp_path / "prep"), progress=False)  # sources changed: rebuilt
+    assert meta2["rows"] == 104 and [p["rows"] for p in meta2["parts"]] == [96, 8]
+    import pyarrow as pa
+
+    schema = pa.ipc.open_file(str(tmp_path / "prep" / "part-00000.arrow")).schema
+    assert schema.field("roll_in_ids").type == pa.large_list(pa.int32())  # int64 offsets
+    two = ValueDataset(str(tmp_path / "prep"), max_length=14)
     assert len(two) == 96 + 8 and (two[96].input_ids == ValueDataset(str(tmp_path / "d" / "b.parquet"), 14)[0].input_ids).all()
+    os.utime(tmp_path / "d" / "b.parquet", ns=(1, 1))
+    with pytest.raises(VGSError, match="stale"):
+        ValueDataset(str(tmp_path / "prep"))
     with pytest.raises(Exception, match="lacks column"):
         import pyarrow as pa
         import pyarrow.parquet as pq

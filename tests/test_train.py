@@ -242,10 +242,14 @@ def _losses(out: Path) -> list[tuple[int, str]]:
 def train_setup(tmp_path_factory, tokenizer_dir):
     from vgs.tiny import make_tiny
 
+    from value_models.prepare import main as prepare_main
+
     root = tmp_path_factory.mktemp("train")
     init = make_tiny("policy", tokenizer_dir, str(root / "init"), layers=1, hidden=64, seed=0)
     write_synthetic(root / "data" / "part-00000.parquet")
-    common = ["--data", str(root / "data"), "--init", init, "--steps", "8", "--batch-size", "16",
+    # prepared once before torchrun (the trainer refuses raw data under torchrun)
+    assert prepare_main(["--data", str(root / "data"), "--out", str(root / "prepared"), "--no-progress"]) == 0
+    common = ["--data", str(root / "prepared"), "--init", init, "--steps", "8", "--batch-size", "16",
               "--micro-batch-size", "4", "--lr", "3e-3", "--warmup-steps", "1", "--val-fraction", "0.2",
               "--eval-every", "4", "--save-every", "2", "--keep-last", "2", "--dropout", "0.1"]
     return root, common
@@ -284,18 +288,20 @@ def test_ddp_loss_decreases_and_checkpoint_loads(uninterrupted):
     assert scored == pytest.approx(v.tolist(), abs=1e-4)  # the scorer reads the trained checkpoint
 
 
-def test_single_process_bce_head_packing_checkpointing(train_setup):
-    """One process, no torchrun: 1-label (BCE) head, packed micro-batches, gradient
-    checkpointing, epochs-based length, explicit validation data."""
+def test_single_process_bce_head_checkpointing_and_pack_refusal(train_setup, capsys):
+    """One process, no torchrun: raw Parquet data (prepared into OUT/.data_cache), 1-label
+    (BCE) head, gradient checkpointing, epochs-based length, explicit validation data.
+    Packing without varlen attention is refused in one line."""
     from value_models.modeling import load_value_model
-    from value_models.train import TrainConfig, train
+    from value_models.train import Dist, TrainConfig, load_data, main, train
 
-    root, _ = train_setup
+    root, common = train_setup
     val = write_synthetic(root / "val" / "v.parquet", n_problems=4, seed=9)
     out = root / "bce"
     ckpt = train(TrainConfig(data=[str(root / "data")], val_data=[str(val)], init=str(root / "init"), out=str(out),
                              num_labels=1, epochs=0.5, batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=0,
-                             pack=True, grad_checkpointing=True))
+                             grad_checkpointing=True))
+    assert len(list((out / ".data_cache").glob("*/prepared.json"))) == 2  # train and val data, prepared here
     rows = _losses(out)
     assert len(rows) == 3 and all(math.isfinite(float(v)) for _, v in rows)  # 96 seqs / 16 * 0.5
     with open(out / "val_log.csv") as f:
@@ -303,6 +309,17 @@ def test_single_process_bce_head_packing_checkpointing(train_setup):
     assert int(val_rows[-1]["val_seqs"]) == 16 and 0 <= float(val_rows[-1]["auc"]) <= 1
     m = load_value_model(ckpt)
     assert m.config.num_labels == 1 and m.score[2].weight.shape[0] == 1
+    # --pack: a dense mask over the packed row is never built; CPU / no flash-attn -> one-line refusal
+    capsys.readouterr()
+    assert main([*common, "--out", str(root / "pack"), "--pack"]) == 2
+    err = capsys.readouterr().err
+    assert "--pack needs varlen attention" in err and len(err.strip().splitlines()) == 1
+    assert main([*common, "--out", str(root / "pack"), "--pack", "--attn-impl", "flash_attention_2"]) == 2
+    assert "needs a CUDA GPU and the flash-attn package" in capsys.readouterr().err
+    # under torchrun, unprepared data is refused (no rank-0 conversion behind a barrier)
+    cfg = TrainConfig(data=[str(root / "data")], init="x", out=str(root / "o"))
+    with pytest.raises(VGSError, match="not prepared; run `python -m value_models.prepare"):
+        load_data(cfg, Dist(rank=1, world=2), cfg.data, "none")
 
 
 def test_killed_run_resumes_with_identical_losses(train_setup, uninterrupted):
@@ -336,15 +353,32 @@ def test_killed_run_resumes_with_identical_losses(train_setup, uninterrupted):
     assert main([*common, "--out", str(out)]) == 2
 
 
-def test_fsdp_matches_ddp(train_setup, uninterrupted):
+def test_fsdp_sharded_checkpoints_resume_and_export(train_setup, uninterrupted):
+    """FSDP matches DDP; its checkpoints are per-rank shards (nothing gathered, no full
+    optimizer state anywhere), resume reads them, and export consolidates them."""
+    from value_models.export import main as export_main
+    from value_models.modeling import load_value_model
+
     root, common = train_setup
     out = root / "fsdp"
     p = _torchrun([*common, "--out", str(out), "--fsdp", "--stop-at-step", "2"], root / "fsdp.log")
     _wait(p, root / "fsdp.log")
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert sorted(f.name for f in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (ckpt / "model.safetensors").exists()  # not consolidated before export
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["sharded"] and state["optimizer"] is None
+    p = _torchrun([*common, "--out", str(out), "--fsdp", "--resume", "--stop-at-step", "4"], root / "fsdp2.log")
+    _wait(p, root / "fsdp2.log")
+    assert "resumed from" in (root / "fsdp2.log").read_text()
     fs = [float(v) for _, v in _losses(out)]
-    ref = [float(v) for _, v in _losses(uninterrupted)][:2]
-    assert fs == pytest.approx(ref, rel=1e-5)
-    from value_models.modeling import load_value_model
-
-    m = load_value_model(str(out / "checkpoints" / "step_00000002"))
+    ref = [float(v) for _, v in _losses(uninterrupted)][:4]
+    assert fs == pytest.approx(ref, rel=1e-5)  # steps 3-4 need the restored Adam moments to match
+    assert export_main([str(ckpt)]) == 0
+    m = load_value_model(str(ckpt))
     assert m.config.architectures == ["Qwen2ForClassifier"]
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(root / "init"))
+    moved = (m.model.embed_tokens.weight - lm.model.embed_tokens.weight).abs().max().item()
+    assert 0 < moved < 0.01  # the trained weights of step 2 (2 Adam steps of lr <= 3e-3), not a fresh init

@@ -42,7 +42,7 @@ def export_checkpoint(ckpt: str, out: str | None = None) -> str:
         raise VGSError(f"cannot read the model config in {ckpt}: {exc}") from exc
     model = Qwen2ForClassifier(config).float()
     sd = {"model": model.state_dict()}
-    dcp.load(sd, checkpoint_id=shards, no_dist=True)
+    dcp.load(sd, checkpoint_id=shards, no_dist=True)  # one process: reads every shard of the model entries
     model.load_state_dict(sd["model"])
     dest = out or ckpt
     tmp = os.path.join(dest, ".export.tmp")

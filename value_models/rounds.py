@@ -6,6 +6,7 @@
 Roll-outs are always unguided pi_ref, so every label still estimates pi_ref's success from
 the prefix; only the prefixes move toward where the guided policy goes (Q# Algorithm 1).
 With `--warm-start`, round k's training starts from model_{k-1} instead of `--init`.
+`--drop` (e.g. all-wrong) is judged per problem over rounds 1..k together, by the trainer.
 
 Layout: `OUT/round-K/collect/` (a `vgs collect` dir: manifest.json, data/), `OUT/round-K/train/`
 (a training run dir: checkpoints/, logs, `final`), and `OUT/rounds.json` (a summary). Every

@@ -85,9 +85,12 @@ def recorded_drop(paths: str | Sequence[str]) -> str | None:
         paths = [paths]
     found: dict[str, str] = {}
     for p in paths:
+        if not os.path.isdir(p):
+            continue
+        parent = os.path.dirname(os.path.abspath(p))  # `--data COLLECT/data` names the shards' folder
         cands = [os.path.join(p, PREPARED_FILE)] if is_prepared(p) else (
-            glob.glob(os.path.join(p, "manifest*.json")) + glob.glob(os.path.join(os.path.dirname(p.rstrip("/")), "manifest*.json"))
-            if os.path.isdir(p) else [])
+            glob.glob(os.path.join(p, "manifest*.json"))
+            + (glob.glob(os.path.join(parent, "manifest*.json")) if os.path.basename(os.path.abspath(p)) == "data" else []))
         for m in cands:
             try:
                 with open(m) as f:

@@ -840,13 +840,15 @@ def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--max-length", type=int, default=16384, help="truncate roll_in + roll_out to this many tokens")
     g.add_argument("--num-labels", type=int, default=3, choices=(1, 3), help="3-class CE head or 1-class BCE head")
-    g.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step, all ranks together")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass per rank")
+    g.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step, all ranks together (published code default; the "
+                        "released model used 1024)")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass per rank (released model: 8)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs worth)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the training split (default 1)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps (the published code floors it at 100; "
+                        "docs/training.md lists where the defaults differ from the recipe)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.95)

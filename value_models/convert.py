@@ -11,7 +11,8 @@ of `value_models.data`): `problem_id` (= message_id), `round` 1, `roll_in_index`
 response's position), `roll_out_index` 0, `roll_in_ids`, `roll_out_ids`, `label`, `answer`.
 
 Streaming: input is read `--batch-problems` problems at a time and written as one Parquet row
-group each, so memory stays bounded whatever the file size (22.7 GB for OpenR1-VM). Token
+group each, so memory stays bounded (that batch plus one compressed row group of the input)
+whatever the file size (22.7 GB for OpenR1-VM). Token
 lists are written as `large_list<int32>` (int64 offsets): a row group or file with more than
 2^31 tokens cannot overflow. One output file per input file, written to a temp name and
 renamed, so a re-run skips finished files and redoes a half-written one.

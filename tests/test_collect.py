@@ -43,16 +43,18 @@ class ScriptedEngine:
     + EOS (0), == 2 -> no EOS, "length" (2). Problems whose id is in `always_right` always get
     the gold (their labels never vary)."""
 
-    def __init__(self, tokenizer, golds: dict[tuple[int, ...], str], always_right=(), name="ref"):
+    def __init__(self, tokenizer, golds: dict[tuple[int, ...], str], always_right=(), name="ref", always_wrong=(),
+                 abort_every=0):
         self.tok, self.golds, self.always_right, self.name = tokenizer, golds, set(always_right), name
+        self.always_wrong, self.abort_every = set(always_wrong), abort_every
         self.eos_ids, self.num_params = [EOS], 1
         self.calls: list[int] = []
         self.closed = False
 
-    def _gold(self, prompt: list[int]) -> tuple[str, bool]:
+    def _gold(self, prompt: list[int]) -> tuple[str, bool | None]:
         for p, (gold, pid) in self.golds.items():
             if tuple(prompt[: len(p)]) == p:
-                return gold, pid in self.always_right
+                return gold, True if pid in self.always_right else (False if pid in self.always_wrong else None)
         raise AssertionError("unknown prompt")
 
     def generate(self, requests, sampling, progress=False):
@@ -67,9 +69,11 @@ class ScriptedEngine:
                 s = (r.seed or 0) + i
                 if r.n == 1:  # a roll-in (these tests always ask for 2 roll-outs per prefix)
                     samples.append(GenSample(enc(f"{self.name} thinks step by step about it.") + [EOS], "stop"))
-                elif right or s % 3 == 0:
+                elif self.abort_every and s % self.abort_every == 0:
+                    samples.append(GenSample(enc(" and"), "abort"))
+                elif right or (right is None and s % 3 == 0):
                     samples.append(GenSample(enc(f" so \\boxed{{{gold}}}") + [EOS], "stop"))
-                elif s % 3 == 1:
+                elif right is False or s % 3 == 1:
                     samples.append(GenSample(enc(" so \\boxed{-12345}") + [EOS], "stop"))
                 else:
                     samples.append(GenSample(enc(" and then")[: r.max_tokens], "length"))
@@ -93,9 +97,12 @@ def scripted(tmp_path, data_dir, tokenizer_dir):
     def make(**kw):
         engines: list[ScriptedEngine] = []
         always_right = kw.pop("always_right", ())
+        always_wrong = kw.pop("always_wrong", ())
+        abort_every = kw.pop("abort_every", 0)
 
         def factory(model):
-            e = ScriptedEngine(tok, golds, always_right, name=os.path.basename(model))
+            e = ScriptedEngine(tok, golds, always_right, name=os.path.basename(model), always_wrong=always_wrong,
+                               abort_every=abort_every)
             engines.append(e)
             return e, True
 
@@ -171,19 +178,63 @@ def test_resume_without_duplicates_and_crash_between_shard_and_manifest(scripted
         collect(dataclass_replace(cfg, roll_outs=3), factory)
 
 
-def test_drop_no_variation(scripted):
+def test_drop_filters_apply_per_problem_over_all_rounds(scripted):
+    """`--drop all-wrong` (the published filter) keeps easy problems and drops a problem only
+    when none of its roll-outs in any round is correct; collection keeps every row and records
+    the filter, the trainer's data applies it over everything loaded together."""
+    from value_models.data import ValueDataset, recorded_drop
+
     make, probs, _ = scripted
-    right = (probs[0].id, probs[3].id)
-    cfg, factory, _ = make(drop_no_variation=True, always_right=right)
-    m = collect(cfg, factory)
-    df = _rows(cfg.out)
-    cfg_all, factory_all, _ = make(always_right=right, out=cfg.out + "-all")
-    collect(cfg_all, factory_all)
-    full = _rows(cfg_all.out)
-    varied = {pid for pid, g in full.groupby("problem_id") if g.label.eq(1).nunique() == 2}
-    assert not varied & set(right) and set(df.problem_id) == varied
-    assert len(df) == len(full[full.problem_id.isin(varied)])
-    assert m["totals"]["problems_dropped"] == 5 - len(varied) >= 2
+    easy, hard_then_solved, hopeless = probs[0].id, probs[1].id, probs[2].id
+    cfg1, f1, _ = make(drop="all-wrong", always_right=(easy,), always_wrong=(hard_then_solved, hopeless))
+    m1 = collect(cfg1, f1)
+    cfg2, f2, _ = make(drop="all-wrong", always_right=(easy,), always_wrong=(hopeless,), round=2, out=cfg1.out + "-r2")
+    collect(cfg2, f2)
+    r1, r2 = _rows(cfg1.out), _rows(cfg2.out)
+    assert len(r1) == len(r2) == 30  # nothing dropped at collection time
+    never_right_r1 = {pid for pid, g in r1.groupby("problem_id") if not g.label.eq(1).any()}
+    assert {hard_then_solved, hopeless} <= never_right_r1
+    assert m1["drop"] == "all-wrong" and m1["totals"]["problems_all_wrong"] == len(never_right_r1)
+    assert m1["totals"]["problems_all_correct"] == 1
+    assert not r1[r1.problem_id == hard_then_solved].label.eq(1).any()  # per chunk it would be dropped
+    assert r2[r2.problem_id == hard_then_solved].label.eq(1).any()
+    assert recorded_drop([cfg1.out, cfg2.out]) == "all-wrong"
+    ds = ValueDataset([cfg1.out, cfg2.out], drop="all-wrong")
+    both = pd.concat([r1, r2])
+    never_right = {pid for pid, g in both.groupby("problem_id") if not g.label.eq(1).any()}
+    assert never_right == {hopeless}
+    kept = set(ds.problem_ids[ds.usable()])
+    assert kept == {p.id for p in probs} - {hopeless}  # easy stays, solved-in-round-2 stays
+    assert (ds.problem_ids[ds.dropped] == hopeless).all() and ds.dropped.sum() == 12
+    nv = ValueDataset([cfg1.out, cfg2.out], drop="no-variation")
+    always_right = {pid for pid, g in both.groupby("problem_id") if g.label.eq(1).all()}
+    assert always_right == {easy} and set(nv.problem_ids[nv.usable()]) == kept - {easy}
+    # the deprecated flag still parses, as --drop no-variation
+    import argparse
+
+    from value_models.collect import add_arguments, config_from_args
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    add_arguments(ap)
+    args = ap.parse_args(["--problems", "x", "--out", "o", "--ref", "m", "--drop-no-variation"])
+    assert config_from_args(args).drop == "no-variation"
+    assert CollectConfig(problems="x", out="o", ref="m", drop_no_variation=True).validate().drop == "no-variation"
+    with pytest.raises(VGSError, match="--drop"):
+        CollectConfig(problems="x", out="o", ref="m", drop="some").validate()
+
+
+def test_aborted_roll_outs_are_errors_not_labels(scripted):
+    make, _, _ = scripted
+    cfg, factory, _ = make(abort_every=7)
+    with pytest.raises(VGSError, match="abort"):
+        collect(cfg, factory)
+    assert not list(Path(cfg.out).glob("data/*.parquet"))  # nothing recorded as label 2
+    m = json.loads(Path(cfg.out, "manifest.json").read_text())
+    assert m["chunks"] == {}
+    cfg_ok, factory_ok, _ = make()  # the engine recovers: the same command completes
+    m = collect(cfg_ok, factory_ok)
+    assert m["complete"] and set(_rows(cfg.out).roll_out_finish) <= {"stop", "length"}
 
 
 def test_policy_mixture_uses_engines_one_after_another(scripted, tokenizer_dir, tmp_path):

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from value_models.data import (Example, StepSampler, ValueDataset, collate, length_buckets, split_by_problem)
+from value_models.data import (Example, StepSampler, ValueDataset, collate, length_buckets, problems_to_drop,
+                               split_by_problem)
+from vgs.errors import VGSError
 from value_models.modeling import token_level_loss
 from value_models.train import binary_metrics, lr_at, sequence_losses, TrainConfig
 
@@ -119,15 +121,28 @@ def test_dataset_truncation_usable_and_split(tmp_path):
     assert set(ds.problem_ids[::-1][va2]) == set(ds.problem_ids[va])
     tr3, va3 = ds.split(np.arange(len(ds)), 0.25, seed=3)  # the trainer's (hash each id once)
     assert va3.tolist() == va.tolist() and tr3.tolist() == tr.tolist()
-    # memory-mapped Arrow cache: same rows
-    cached = ValueDataset(str(tmp_path / "d"), max_length=14, cache_dir=str(tmp_path / "cache"))
-    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 1
+    # prepared (memory-mapped Arrow, streamed in small batches -> several record batches): same rows
+    from value_models.prepare import prepare
+
+    meta = prepare(str(tmp_path / "d"), str(tmp_path / "prep"), batch_rows=10, progress=False)
+    assert meta["rows"] == 96 and meta["labels"] == np.bincount(ds.labels, minlength=3).tolist()
+    cached = ValueDataset(str(tmp_path / "prep"), max_length=14)
+    assert len(cached._segs) == 10  # 96 rows in batches of 10, each a zero-copy segment
     assert all((cached[j].input_ids == ds[j].input_ids).all() and cached[j].out_start == ds[j].out_start
                for j in range(len(ds)))
-    # several files: global row indices run across them
+    # several files: global row indices run across them; a changed source makes the prepared copy stale
     write_synthetic(tmp_path / "d" / "b.parquet", n_problems=2, seed=1)
-    two = ValueDataset(str(tmp_path / "d"), max_length=14, cache_dir=str(tmp_path / "cache"))
+    meta2 = prepare(str(tmp_path / "d"), str(tmp_path / "prep"), progress=False)  # sources changed: rebuilt
+    assert meta2["rows"] == 104 and [p["rows"] for p in meta2["parts"]] == [96, 8]
+    import pyarrow as pa
+
+    schema = pa.ipc.open_file(str(tmp_path / "prep" / "part-00000.arrow")).schema
+    assert schema.field("roll_in_ids").type == pa.large_list(pa.int32())  # int64 offsets
+    two = ValueDataset(str(tmp_path / "prep"), max_length=14)
     assert len(two) == 96 + 8 and (two[96].input_ids == ValueDataset(str(tmp_path / "d" / "b.parquet"), 14)[0].input_ids).all()
+    os.utime(tmp_path / "d" / "b.parquet", ns=(1, 1))
+    with pytest.raises(VGSError, match="stale"):
+        ValueDataset(str(tmp_path / "prep"))
     with pytest.raises(Exception, match="lacks column"):
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -227,10 +242,14 @@ def _losses(out: Path) -> list[tuple[int, str]]:
 def train_setup(tmp_path_factory, tokenizer_dir):
     from vgs.tiny import make_tiny
 
+    from value_models.prepare import main as prepare_main
+
     root = tmp_path_factory.mktemp("train")
     init = make_tiny("policy", tokenizer_dir, str(root / "init"), layers=1, hidden=64, seed=0)
     write_synthetic(root / "data" / "part-00000.parquet")
-    common = ["--data", str(root / "data"), "--init", init, "--steps", "8", "--batch-size", "16",
+    # prepared once before torchrun (the trainer refuses raw data under torchrun)
+    assert prepare_main(["--data", str(root / "data"), "--out", str(root / "prepared"), "--no-progress"]) == 0
+    common = ["--data", str(root / "prepared"), "--init", init, "--steps", "8", "--batch-size", "16",
               "--micro-batch-size", "4", "--lr", "3e-3", "--warmup-steps", "1", "--val-fraction", "0.2",
               "--eval-every", "4", "--save-every", "2", "--keep-last", "2", "--dropout", "0.1"]
     return root, common
@@ -269,18 +288,20 @@ def test_ddp_loss_decreases_and_checkpoint_loads(uninterrupted):
     assert scored == pytest.approx(v.tolist(), abs=1e-4)  # the scorer reads the trained checkpoint
 
 
-def test_single_process_bce_head_packing_checkpointing(train_setup):
-    """One process, no torchrun: 1-label (BCE) head, packed micro-batches, gradient
-    checkpointing, epochs-based length, explicit validation data."""
+def test_single_process_bce_head_checkpointing_and_pack_refusal(train_setup, capsys):
+    """One process, no torchrun: raw Parquet data (prepared into OUT/.data_cache), 1-label
+    (BCE) head, gradient checkpointing, epochs-based length, explicit validation data.
+    Packing without varlen attention is refused in one line."""
     from value_models.modeling import load_value_model
-    from value_models.train import TrainConfig, train
+    from value_models.train import Dist, TrainConfig, load_data, main, train
 
-    root, _ = train_setup
+    root, common = train_setup
     val = write_synthetic(root / "val" / "v.parquet", n_problems=4, seed=9)
     out = root / "bce"
     ckpt = train(TrainConfig(data=[str(root / "data")], val_data=[str(val)], init=str(root / "init"), out=str(out),
                              num_labels=1, epochs=0.5, batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=0,
-                             pack=True, grad_checkpointing=True))
+                             grad_checkpointing=True))
+    assert len(list((out / ".data_cache").glob("*/prepared.json"))) == 2  # train and val data, prepared here
     rows = _losses(out)
     assert len(rows) == 3 and all(math.isfinite(float(v)) for _, v in rows)  # 96 seqs / 16 * 0.5
     with open(out / "val_log.csv") as f:
@@ -288,6 +309,17 @@ def test_single_process_bce_head_packing_checkpointing(train_setup):
     assert int(val_rows[-1]["val_seqs"]) == 16 and 0 <= float(val_rows[-1]["auc"]) <= 1
     m = load_value_model(ckpt)
     assert m.config.num_labels == 1 and m.score[2].weight.shape[0] == 1
+    # --pack: a dense mask over the packed row is never built; CPU / no flash-attn -> one-line refusal
+    capsys.readouterr()
+    assert main([*common, "--out", str(root / "pack"), "--pack"]) == 2
+    err = capsys.readouterr().err
+    assert "--pack needs varlen attention" in err and len(err.strip().splitlines()) == 1
+    assert main([*common, "--out", str(root / "pack"), "--pack", "--attn-impl", "flash_attention_2"]) == 2
+    assert "needs a CUDA GPU and the flash-attn package" in capsys.readouterr().err
+    # under torchrun, unprepared data is refused (no rank-0 conversion behind a barrier)
+    cfg = TrainConfig(data=[str(root / "data")], init="x", out=str(root / "o"))
+    with pytest.raises(VGSError, match="not prepared; run `python -m value_models.prepare"):
+        load_data(cfg, Dist(rank=1, world=2), cfg.data, "none")
 
 
 def test_killed_run_resumes_with_identical_losses(train_setup, uninterrupted):
@@ -321,15 +353,32 @@ def test_killed_run_resumes_with_identical_losses(train_setup, uninterrupted):
     assert main([*common, "--out", str(out)]) == 2
 
 
-def test_fsdp_matches_ddp(train_setup, uninterrupted):
+def test_fsdp_sharded_checkpoints_resume_and_export(train_setup, uninterrupted):
+    """FSDP matches DDP; its checkpoints are per-rank shards (nothing gathered, no full
+    optimizer state anywhere), resume reads them, and export consolidates them."""
+    from value_models.export import main as export_main
+    from value_models.modeling import load_value_model
+
     root, common = train_setup
     out = root / "fsdp"
     p = _torchrun([*common, "--out", str(out), "--fsdp", "--stop-at-step", "2"], root / "fsdp.log")
     _wait(p, root / "fsdp.log")
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert sorted(f.name for f in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (ckpt / "model.safetensors").exists()  # not consolidated before export
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["sharded"] and state["optimizer"] is None
+    p = _torchrun([*common, "--out", str(out), "--fsdp", "--resume", "--stop-at-step", "4"], root / "fsdp2.log")
+    _wait(p, root / "fsdp2.log")
+    assert "resumed from" in (root / "fsdp2.log").read_text()
     fs = [float(v) for _, v in _losses(out)]
-    ref = [float(v) for _, v in _losses(uninterrupted)][:2]
-    assert fs == pytest.approx(ref, rel=1e-5)
-    from value_models.modeling import load_value_model
-
-    m = load_value_model(str(out / "checkpoints" / "step_00000002"))
+    ref = [float(v) for _, v in _losses(uninterrupted)][:4]
+    assert fs == pytest.approx(ref, rel=1e-5)  # steps 3-4 need the restored Adam moments to match
+    assert export_main([str(ckpt)]) == 0
+    m = load_value_model(str(ckpt))
     assert m.config.architectures == ["Qwen2ForClassifier"]
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(root / "init"))
+    moved = (m.model.embed_tokens.weight - lm.model.embed_tokens.weight).abs().max().item()
+    assert 0 < moved < 0.01  # the trained weights of step 2 (2 Adam steps of lr <= 3e-3), not a fresh init

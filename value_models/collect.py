@@ -9,7 +9,17 @@ ids, `--roll-outs` times. Each roll-out is labelled from prefix + roll-out text:
     1 = finished with an answer math-verify finds equivalent to the gold answer
     2 = unfinished: the `--max-tokens` cap (prefix + roll-out tokens) was reached
 
-so the label estimates what pi_ref would do from the prefix, the value the model learns.
+so the label estimates what pi_ref would do from the prefix, the value the model learns. A
+roll-in or roll-out the engine aborted (finish_reason "abort": preemption, out of memory,
+shutdown) is not a label: the chunk fails with an error and is retried on the next run.
+
+Problem filters (`--drop`, recorded in the manifest and applied by the trainer per problem
+over all the data it trains on, i.e. over every round, never per chunk):
+
+    all-wrong     drop problems none of whose roll-outs is correct (the published VGS filter,
+                  ~10% of OpenR1: easy problems stay, so the model sees high-value states)
+    no-variation  also drop problems whose roll-outs are all correct (nothing to rank)
+    none          keep everything (default)
 
 Switch points, for a roll-in of L generated tokens (p = 0 keeps only the prompt; a finished
 roll-in's EOS is never kept, so every roll-out has room to run):
@@ -56,6 +66,7 @@ from vgs.config import SamplingConfig
 from vgs.engine import GenRequest
 from vgs.errors import VGSError
 from vgs.prompts import DEFAULT_USER_TEMPLATE
+from value_models.data import DROP_FILTERS
 
 FORMAT = "vgs-value-data/1"
 SWITCH_MODES = ("uniform", "sqrt")
@@ -115,7 +126,8 @@ class CollectConfig:
     problem_field: str | None = None
     answer_field: str | None = None
     id_field: str | None = None
-    drop_no_variation: bool = False
+    drop: str = "none"
+    drop_no_variation: bool = False  # deprecated alias of drop="no-variation"
     guide_value_model: str | None = None
     guide_method: str = "qsharp"
     guide_eta: float = 0.1
@@ -140,6 +152,11 @@ class CollectConfig:
             if not cond:
                 raise VGSError(msg)
 
+        if self.drop_no_variation:
+            print("[collect] --drop-no-variation is deprecated: use --drop no-variation (or --drop all-wrong, "
+                  "the published VGS filter)", file=sys.stderr)
+            self.drop, self.drop_no_variation = "no-variation", False
+        need(self.drop in DROP_FILTERS, f"--drop must be one of {', '.join(DROP_FILTERS)}, got {self.drop!r}")
         need(bool(self.problems), "--problems is required")
         need(bool(self.out), "--out is required")
         need(bool(self.roll_in) or bool(self.ref), "give --ref (pi_ref) and/or --roll-in policies")
@@ -184,7 +201,7 @@ class CollectConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What determines the data: a resumed run must agree on all of it."""
         keep = ("problems", "split", "limit", "samples_per_problem", "roll_outs", "switch", "max_tokens", "temperature",
-                "top_p", "seed", "round", "chunk_size", "drop_no_variation", "guide_value_model", "guide_method",
+                "top_p", "seed", "round", "chunk_size", "guide_value_model", "guide_method",
                 "guide_eta", "guide_top_k", "user_template", "problem_field", "answer_field", "id_field")
         d = {k: getattr(self, k) for k in keep}
         d["roll_in"] = [dataclasses.asdict(p) for p in self.roll_in]
@@ -336,8 +353,9 @@ class Manifest:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.data = json.load(f)
-            if self.data.get("fingerprint") != fp:
-                old = self.data.get("fingerprint", {})
+            old = dict(self.data.get("fingerprint", {}))
+            old.pop("drop_no_variation", None)  # the filter moved to training time: not a data setting
+            if old != fp:
                 diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
                 raise VGSError(f"{cfg.out} holds data collected with different settings ({', '.join(diff)}); "
                                "re-run with the same settings to resume, or choose a new --out")
@@ -347,6 +365,7 @@ class Manifest:
                          "num_chunks": len(shard_chunks(-(-len(problems) // cfg.chunk_size), cfg.num_shards,
                                                         cfg.shard_index)),
                          "round": cfg.round, "ref": cfg.ref_model, "chunks": {}, "complete": False}
+        self.data["drop"] = cfg.drop  # what the trainer applies (over all rounds); may change between runs
         self.out = cfg.out
 
     def done(self, k: int) -> bool:
@@ -358,8 +377,8 @@ class Manifest:
         chunks = self.data["chunks"].values()
         labels = [sum(c["labels"][i] for c in chunks) for i in range(3)]
         self.data["totals"] = {"rows": sum(c["rows"] for c in chunks), "labels": labels,
-                               "problems_kept": sum(c["problems_kept"] for c in chunks),
-                               "problems_dropped": sum(c["problems_dropped"] for c in chunks)}
+                               **{k: sum(c.get(k, 0) for c in chunks) for k in ("problems", "problems_all_wrong",
+                                                                               "problems_all_correct")}}
         self.data["complete"] = len(self.data["chunks"]) == self.data["num_chunks"]
         self.save()
 
@@ -482,6 +501,7 @@ def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> 
             for k in missing:
                 keys, reqs = roll_in_requests(chunks[k], i)
                 outs = engine.generate(reqs, sampling, progress=False)
+                _check_finish(k, "roll-in", [o[0].finish_reason for o in outs])  # before staging: a re-run redoes it
                 os.makedirs(os.path.dirname(paths[k]), exist_ok=True)
                 _write_parquet({"problem_id": [a for a, _ in keys], "roll_in_index": [b for _, b in keys],
                                 "ids": [o[0].token_ids for o in outs], "finish": [o[0].finish_reason for o in outs]},
@@ -508,6 +528,7 @@ def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> 
                             rollins[key] = (list(o[0].token_ids), o[0].finish_reason, i)
                 elif (i, k) in staged:
                     rollins.update(_read_staged(staged[(i, k)], i))
+            _check_finish(k, "roll-in", [v[1] for v in rollins.values()])
             out_keys, out_reqs, cuts = [], [], {}
             for p in chunk:
                 for j in range(cfg.samples_per_problem):
@@ -518,6 +539,7 @@ def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> 
                     out_reqs.append(GenRequest(prompts[p.id] + ids[:cut], cfg.max_tokens - cut, n=cfg.roll_outs,
                                                seed=item_seed(cfg.seed, cfg.round, p.id, j, "out")))
             outs = engine.generate(out_reqs, sampling, progress=False)
+            _check_finish(k, "roll-out", [s.finish_reason for samples in outs for s in samples])
             by_id = {p.id: p for p in chunk}
             rows, texts = [], []
             for key, req, samples in zip(out_keys, out_reqs, outs):
@@ -541,14 +563,14 @@ def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> 
             for row, pr, fin in zip(rows, preds, finished):
                 row["pred"] = pr
                 row["label"] = (1 if next(verdicts) else 0) if fin else 2
-            rows, dropped = _drop_no_variation(rows) if cfg.drop_no_variation else (rows, 0)
+            all_wrong, all_correct = _flat_problems(rows)
             fname = f"{DATA_DIR}/part-{k:05d}.parquet"
             if rows:
                 os.makedirs(os.path.join(cfg.out, DATA_DIR), exist_ok=True)
                 _write_parquet(rows, os.path.join(cfg.out, fname), _schema())
             labels = [sum(1 for r in rows if r["label"] == c) for c in range(3)]
             manifest.record(k, {"file": fname if rows else None, "rows": len(rows), "problems": len(chunk),
-                                "problems_kept": len(chunk) - dropped, "problems_dropped": dropped,
+                                "problems_all_wrong": all_wrong, "problems_all_correct": all_correct,
                                 "labels": labels, "seconds": round(time.time() - t0, 2)})
             for (i, kk), path in staged.items():  # consumed: other shards never read it
                 if kk == k and os.path.exists(path):
@@ -580,13 +602,24 @@ def _read_staged(path: str, policy: int) -> dict[tuple[str, int], tuple[list[int
             for pid, j, ids, fin in zip(t["problem_id"], t["roll_in_index"], t["ids"], t["finish"])}
 
 
-def _drop_no_variation(rows: list[dict]) -> tuple[list[dict], int]:
-    """Drop problems whose roll-outs are all correct or all not correct (nothing to rank)."""
+def _flat_problems(rows: list[dict]) -> tuple[int, int]:
+    """(problems with no correct roll-out, problems with only correct ones) in this chunk: a
+    per-round count for the manifest. The `--drop` filter itself is applied by the trainer
+    over all rounds (`value_models.data.problems_to_drop`)."""
     correct: dict[str, set[bool]] = {}
     for r in rows:
         correct.setdefault(r["problem_id"], set()).add(r["label"] == 1)
-    flat = {pid for pid, s in correct.items() if len(s) < 2}
-    return [r for r in rows if r["problem_id"] not in flat], len(flat)
+    return sum(s == {False} for s in correct.values()), sum(s == {True} for s in correct.values())
+
+
+def _check_finish(chunk: int, what: str, reasons: list[str]) -> None:
+    """Only "stop" (label 0/1) and "length" (label 2) are outcomes. An aborted request says
+    nothing about pi_ref's success, so the chunk fails (nothing recorded) and a re-run retries it."""
+    bad = [r for r in reasons if r not in ("stop", "length")]
+    if bad:
+        raise VGSError(f"chunk {chunk}: {len(bad)} of {len(reasons)} {what}s ended with finish_reason "
+                       f"{sorted(set(map(str, bad)))} (aborted by the engine: preemption, out of memory or shutdown), "
+                       "not a label; nothing of this chunk was recorded, re-run the same command to retry it")
 
 
 def _check_tokenizers(cfg: CollectConfig, tok: Any) -> None:
@@ -610,11 +643,13 @@ def _bar(cfg: CollectConfig, total: int, desc: str):
 
 
 def _report(cfg: CollectConfig, manifest: Manifest, status: str) -> None:
-    tot = manifest.data.get("totals", {"rows": 0, "labels": [0, 0, 0], "problems_kept": 0, "problems_dropped": 0})
-    print(f"[collect] {status}: {cfg.out} | {tot['rows']} rows | labels wrong/correct/unfinished = "
-          f"{tot['labels'][0]}/{tot['labels'][1]}/{tot['labels'][2]} | problems kept {tot['problems_kept']}, "
-          f"dropped {tot['problems_dropped']} | chunks {len(manifest.data['chunks'])}/{manifest.data['num_chunks']}",
-          file=sys.stderr)
+    tot = manifest.data.get("totals", {})
+    labels = tot.get("labels", [0, 0, 0])
+    print(f"[collect] {status}: {cfg.out} | {tot.get('rows', 0)} rows | labels wrong/correct/unfinished = "
+          f"{labels[0]}/{labels[1]}/{labels[2]} | problems {tot.get('problems', 0)}: all-wrong "
+          f"{tot.get('problems_all_wrong', 0)}, all-correct {tot.get('problems_all_correct', 0)} "
+          f"(--drop {cfg.drop}: applied at training, per problem over all rounds) "
+          f"| chunks {len(manifest.data['chunks'])}/{manifest.data['num_chunks']}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,8 +683,13 @@ def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
         g.add_argument("--num-shards", type=int, default=1,
                        help="split the chunks over N independent processes (e.g. one per GPU) writing to one --out")
         g.add_argument("--shard-index", type=int, default=0, help="which shard this process is, 0..N-1")
-    g.add_argument("--drop-no-variation", action="store_true",
-                   help="drop problems whose roll-outs are all correct or all not correct")
+    if not rounds:  # train-rounds has the trainer's --drop
+        g.add_argument("--drop", default="none", choices=DROP_FILTERS,
+                       help="problem filter the trainer applies over all rounds' data (recorded in the manifest): "
+                            "all-wrong = drop problems without a correct roll-out (published VGS), no-variation = "
+                            "also drop all-correct ones, none = keep all")
+        g.add_argument("--drop-no-variation", action=_DeprecatedDrop, nargs=0, dest="drop",
+                       help="deprecated alias of --drop no-variation")
     if not rounds:
         g.add_argument("--round", type=int, default=1, help="round number stored in the rows")
         g.add_argument("--guide-value-model", default=None, help="Q# mode: roll in with pi guided by this value model")
@@ -663,6 +703,13 @@ def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
     e.add_argument("--tensor-parallel-size", type=int, default=1)
     e.add_argument("--dtype", default="auto")
     e.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+class _DeprecatedDrop(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        print("[collect] --drop-no-variation is deprecated: use --drop no-variation (or --drop all-wrong, "
+              "the published VGS filter)", file=sys.stderr)
+        setattr(namespace, "drop", "no-variation")
 
 
 def config_from_args(args: argparse.Namespace, **override: Any) -> CollectConfig:

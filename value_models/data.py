@@ -22,7 +22,15 @@ needs no more than these four columns.
 
 Why one row per pair (not per problem as in the published OpenR1-VM): a sequence is then one
 row read, nothing depends on a "responses per problem" constant, and rounds can be
-aggregated by listing more files.
+aggregated by listing more files. `value_models.convert` turns OpenR1-VM rows into these.
+
+Token lists are read as `large_list<int32>` (int64 offsets): one file may hold more than 2^31
+tokens (the published data has ~35B). `value_models.prepare` converts Parquet data once into
+memory-mappable Arrow files (a "prepared" directory) that every rank of every node maps
+without any rank waiting for another.
+
+Problem filters (`--drop`) are applied here, per problem over everything loaded together
+(all rounds), never per collection chunk: `problems_to_drop`.
 """
 
 from __future__ import annotations
@@ -42,6 +50,60 @@ if TYPE_CHECKING:  # torch itself is imported inside the functions that need it
 
 REQUIRED_COLUMNS = ("problem_id", "roll_in_ids", "roll_out_ids", "label")
 NUM_CLASSES = 3
+DROP_FILTERS = ("all-wrong", "no-variation", "none")
+PREPARED_FILE = "prepared.json"
+PREPARED_FORMAT = "vgs-prepared/1"
+
+
+def problems_to_drop(codes: np.ndarray, labels: np.ndarray, num_problems: int, mode: str) -> np.ndarray:
+    """Per problem (bool [num_problems]): whether the filter drops it, judged on all its rows.
+
+    all-wrong:    no roll-out is correct (label 1) -- the published VGS post-filter
+    no-variation: no roll-out is correct, or all are (nothing to rank)
+    none:         nothing dropped"""
+    if mode not in DROP_FILTERS:
+        raise VGSError(f"--drop must be one of {', '.join(DROP_FILTERS)}, got {mode!r}")
+    total = np.bincount(codes, minlength=num_problems)
+    correct = np.bincount(codes, weights=(labels == 1).astype(np.float64), minlength=num_problems)
+    if mode == "all-wrong":
+        return correct == 0
+    if mode == "no-variation":
+        return (correct == 0) | (correct == total)
+    return np.zeros(num_problems, dtype=bool)
+
+
+def is_prepared(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, PREPARED_FILE))
+
+
+def recorded_drop(paths: str | Sequence[str]) -> str | None:
+    """The `--drop` filter the data's collection manifests (or prepared.json) name, if any;
+    several that disagree are an error (the trainer's --drop then decides)."""
+    import json
+
+    if isinstance(paths, str):
+        paths = [paths]
+    found: dict[str, str] = {}
+    for p in paths:
+        if not os.path.isdir(p):
+            continue
+        parent = os.path.dirname(os.path.abspath(p))  # `--data COLLECT/data` names the shards' folder
+        cands = [os.path.join(p, PREPARED_FILE)] if is_prepared(p) else (
+            glob.glob(os.path.join(p, "manifest*.json"))
+            + (glob.glob(os.path.join(parent, "manifest*.json")) if os.path.basename(os.path.abspath(p)) == "data" else []))
+        for m in cands:
+            try:
+                with open(m) as f:
+                    d = json.load(f)
+            except (OSError, ValueError):
+                continue
+            drop = d.get("drop") or ("no-variation" if d.get("fingerprint", {}).get("drop_no_variation") else None)
+            if drop:
+                found[m] = drop
+    if len(set(found.values())) > 1:
+        raise VGSError("the training data's manifests name different --drop filters ("
+                       + ", ".join(f"{k}: {v}" for k, v in sorted(found.items())) + "); choose one with --drop")
+    return next(iter(found.values()), None)
 
 
 def parquet_files(paths: str | Sequence[str]) -> list[str]:
@@ -84,27 +146,40 @@ class Example:
 
 
 class ValueDataset:
-    """The rows of some Parquet files as flat int32 token arrays plus offsets (Arrow buffers,
-    no per-row Python objects), so millions of rows index in O(1).
+    """The rows of prepared directories (memory-mapped Arrow, see `value_models.prepare`) or of
+    Parquet files (read into memory) as flat int32 token arrays plus int64 offsets (Arrow
+    buffers, no per-row Python objects), so millions of rows index in O(1). A prepared
+    directory is shared by every rank of a node through the page cache (the published data
+    is ~35B tokens).
 
-    With `cache_dir`, each file's four training columns are first written once, uncompressed,
-    as an Arrow IPC file there and then memory-mapped: every rank of a node then shares one
-    copy in the page cache instead of holding the whole data set in its own memory (the
-    published data is ~35B tokens). Without it, the columns are read into memory."""
+    `drop` filters whole problems over all rows loaded together (see `problems_to_drop`):
+    their rows stay addressable but `usable()` leaves them out."""
 
-    def __init__(self, paths: str | Sequence[str], max_length: int = 16384, cache_dir: str | None = None):
+    def __init__(self, paths: str | Sequence[str], max_length: int = 16384, drop: str = "none"):
         if max_length < 2:
             raise VGSError(f"max_length must be >= 2, got {max_length}")
-        self.files = parquet_files(paths)
+        if isinstance(paths, str):
+            paths = [paths]
         self.max_length = int(max_length)
-        segs = [_load_columns(f, cache_dir) for f in self.files]
+        self.files: list[str] = []
+        segs = []
+        for p in paths:
+            if os.path.isdir(p) and is_prepared(p):
+                for f in prepared_files(p):
+                    self.files.append(f)
+                    segs.extend(_mapped_batches(f))
+            else:
+                for f in parquet_files(p):
+                    self.files.append(f)
+                    segs.append(_load_columns(f))
         segs = [t for t in segs if t.num_rows]
         if not segs:
             raise VGSError(f"no rows in {self.files}")
         names: dict[str, int] = {}
         codes, labels, self._segs = [], [], []
         for t in segs:
-            enc = t.column("problem_id").combine_chunks().dictionary_encode()
+            pid = t.column("problem_id")
+            enc = (pid.combine_chunks() if hasattr(pid, "combine_chunks") else pid).dictionary_encode()
             remap = np.array([names.setdefault(str(x), len(names)) for x in enc.dictionary.to_pylist()], dtype=np.int32)
             codes.append(remap[enc.indices.to_numpy(zero_copy_only=False)])
             labels.append(t.column("label").to_numpy().astype(np.int64))
@@ -121,6 +196,9 @@ class ValueDataset:
         # Truncated sequence length and number of supervised (roll-out) tokens in the window.
         self.lengths = np.minimum(self.roll_in_lens + self.roll_out_lens, self.max_length)
         self.loss_tokens = np.clip(self.lengths - self.roll_in_lens, 0, None)
+        self.drop = drop
+        self.dropped_problems = problems_to_drop(self.problem_codes, self.labels, len(self.problem_names), drop)
+        self.dropped = self.dropped_problems[self.problem_codes]
 
     @property
     def problem_ids(self) -> np.ndarray:
@@ -131,9 +209,10 @@ class ValueDataset:
         return int(self.labels.shape[0])
 
     def usable(self) -> np.ndarray:
-        """Indices of rows with at least one roll-out token inside max_length; the others
-        would contribute nothing to the loss (their roll-in alone fills the window)."""
-        return np.nonzero(self.loss_tokens > 0)[0]
+        """Indices of rows of kept problems with at least one roll-out token inside
+        max_length; the others would contribute nothing to the loss (their roll-in alone
+        fills the window)."""
+        return np.nonzero((self.loss_tokens > 0) & ~self.dropped)[0]
 
     def split(self, indices: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(train, validation) subsets of `indices`, whole problems at a time (see
@@ -154,43 +233,55 @@ class ValueDataset:
         return Example(ids, int(min(b - a, self.max_length)), int(self.labels[i]))
 
 
-def _columns_schema():
+def columns_schema():
+    """The trainer's four columns; token lists with int64 offsets (no 2^31-token file limit)."""
     import pyarrow as pa
 
-    return pa.schema([("problem_id", pa.string()), ("roll_in_ids", pa.list_(pa.int32())),
-                      ("roll_out_ids", pa.list_(pa.int32())), ("label", pa.int8())])
+    return pa.schema([("problem_id", pa.string()), ("roll_in_ids", pa.large_list(pa.int32())),
+                      ("roll_out_ids", pa.large_list(pa.int32())), ("label", pa.int8())])
 
 
-def _load_columns(f: str, cache_dir: str | None):
-    """The four training columns of one Parquet file: read into memory, or (with a cache dir)
-    converted once to an Arrow IPC file (temp file + rename) and memory-mapped."""
+def prepared_files(path: str) -> list[str]:
+    """The Arrow files of a prepared directory, refusing one that is unfinished or stale."""
+    import json
+
+    with open(os.path.join(path, PREPARED_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format") != PREPARED_FORMAT or not meta.get("complete"):
+        raise VGSError(f"{path} is not a finished prepared directory; re-run `python -m value_models.prepare`")
+    for src in meta.get("sources", []):
+        if os.path.exists(src["path"]):
+            st = os.stat(src["path"])
+            if st.st_size != src["size"] or st.st_mtime_ns != src["mtime_ns"]:
+                raise VGSError(f"prepared data {path} is stale: {src['path']} changed since it was prepared; "
+                               "re-run `python -m value_models.prepare` with the same --out")
+    return [os.path.join(path, p["file"]) for p in meta["parts"]]
+
+
+def _mapped_batches(path: str) -> list:
+    """The record batches of an Arrow IPC file, memory-mapped (zero-copy: pages load on use)."""
     import pyarrow as pa
+
+    reader = pa.ipc.open_file(pa.memory_map(path, "r"))
+    return [reader.get_batch(i) for i in range(reader.num_record_batches)]
+
+
+def check_columns(f: str, names: Sequence[str]) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise VGSError(f"{f!r} lacks column(s) {', '.join(missing)} (need {', '.join(REQUIRED_COLUMNS)})")
+
+
+def _load_columns(f: str):
+    """The four training columns of one Parquet file, read into memory."""
     import pyarrow.parquet as pq
 
     try:
         schema = pq.read_schema(f)
     except Exception as exc:  # noqa: BLE001 - a corrupt file is a user problem
         raise VGSError(f"cannot read Parquet file {f!r}: {exc}") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-    if missing:
-        raise VGSError(f"{f!r} lacks column(s) {', '.join(missing)} (need {', '.join(REQUIRED_COLUMNS)})")
-
-    def read():
-        return pq.read_table(f, columns=list(REQUIRED_COLUMNS)).cast(_columns_schema()).combine_chunks()
-
-    if cache_dir is None:
-        return read()
-    st = os.stat(f)
-    key = hashlib.sha1(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir, f"{key}.arrow")
-    if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        table = read()
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
-    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+    check_columns(f, schema.names)
+    return pq.read_table(f, columns=list(REQUIRED_COLUMNS)).cast(columns_schema()).combine_chunks()
 
 
 def _flat(col) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +293,7 @@ def _flat(col) -> tuple[np.ndarray, np.ndarray]:
         col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     if col.null_count:
         raise VGSError("token id lists must not be null")
-    offsets = col.offsets.to_numpy().astype(np.int64)
+    offsets = col.offsets.to_numpy().astype(np.int64, copy=False)
     try:
         values = col.values.to_numpy(zero_copy_only=True)
     except Exception:  # noqa: BLE001 - e.g. a sliced child with nulls: fall back to a copy

@@ -6,6 +6,7 @@
 Roll-outs are always unguided pi_ref, so every label still estimates pi_ref's success from
 the prefix; only the prefixes move toward where the guided policy goes (Q# Algorithm 1).
 With `--warm-start`, round k's training starts from model_{k-1} instead of `--init`.
+`--drop` (e.g. all-wrong) is judged per problem over rounds 1..k together, by the trainer.
 
 Layout: `OUT/round-K/collect/` (a `vgs collect` dir: manifest.json, data/), `OUT/round-K/train/`
 (a training run dir: checkpoints/, logs, `final`), and `OUT/rounds.json` (a summary). Every
@@ -64,7 +65,8 @@ def run_rounds(cfg: RoundsConfig, engine_factory: EngineFactory | None = None) -
     for k in range(1, cfg.rounds + 1):
         data_dir, train_dir = round_dirs(cfg.out, k)
         ccfg = dataclasses.replace(cfg.collect, out=data_dir, round=k, roll_in=[RollInPolicy(cfg.collect.ref)],
-                                   guide_value_model=prev_model)
+                                   guide_value_model=prev_model,
+                                   drop=cfg.train.drop if cfg.train.drop != "auto" else cfg.collect.drop)
         print(f"[rounds] round {k}/{cfg.rounds}: collect ({'pi_ref' if prev_model is None else 'Q#-guided by ' + prev_model})",
               file=sys.stderr, flush=True)
         manifest = collect(ccfg, engine_factory)
@@ -91,13 +93,21 @@ def run_rounds(cfg: RoundsConfig, engine_factory: EngineFactory | None = None) -
 
 
 def _train(tcfg: TrainConfig, nproc: int) -> None:
-    """In this process for one worker, else `torchrun` on this node with the config as JSON."""
+    """In this process for one worker, else `torchrun` on this node with the config as JSON,
+    on data prepared here first (the ranks then only memory-map it)."""
     if nproc == 1:
         from value_models.train import train
 
         train(tcfg)
         return
+    from value_models.data import recorded_drop
+    from value_models.prepare import prepare
+
     os.makedirs(tcfg.out, exist_ok=True)
+    prepared = os.path.join(tcfg.out, "prepared")
+    drop = tcfg.drop if tcfg.drop != "auto" else (recorded_drop(tcfg.data) or "none")
+    prepare(tcfg.data, prepared)
+    tcfg = dataclasses.replace(tcfg, data=[prepared], drop=drop)
     path = os.path.join(tcfg.out, "rounds_train_config.json")
     with open(path, "w") as f:
         json.dump(dataclasses.asdict(tcfg), f, indent=1)

@@ -1,8 +1,9 @@
 """Train a token-level value model. One readable loop, from 1 CPU process to many GPU nodes.
 
     python -m value_models.train --data DIR --init MODEL --out RUN          # one process
-    torchrun --nproc_per_node 8 -m value_models.train --data DIR ...        # DDP (NCCL / gloo)
-    torchrun --nnodes 16 --nproc_per_node 8 --rdzv-endpoint HOST:PORT ...   # many nodes
+    python -m value_models.prepare --data DIR --out PREP                    # once, before torchrun
+    torchrun --nproc_per_node 8 -m value_models.train --data PREP ...       # DDP (NCCL / gloo)
+    torchrun --nnodes 16 --nproc_per_node 8 --rdzv-endpoint HOST:PORT ...   # many nodes (--fsdp)
 
 What one optimizer step does (the published recipe, see docs/training.md):
 - take the next global batch of `--batch-size` sequences from the sampler (the same on all
@@ -14,9 +15,12 @@ What one optimizer step does (the published recipe, see docs/training.md):
 
 Checkpoints are `save_pretrained` directories of `Qwen2ForClassifier` (the published layout,
 loadable by `value_models.modeling.load_value_model` and the scorer) plus `trainer_state.pt`
-(optimizer, step, sampler position, every rank's RNG). They are written into a temporary
-directory and renamed, so a run killed at any moment leaves only complete checkpoints, and
-`--resume` continues with bit-identical losses on the same hardware.
+(step, sampler position, every rank's RNG; with DDP also the optimizer). With `--fsdp` the
+model and optimizer state are per-rank shards (`dcp/`, torch.distributed.checkpoint), and the
+model is consolidated only on export. They are written into a temporary directory and
+renamed, so a run killed at any moment leaves only complete checkpoints, and `--resume`
+continues with bit-identical losses on the same CPU hardware (docs/training.md: what holds
+on GPU).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from vgs.errors import VGSError
+from value_models.data import DROP_FILTERS
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -46,6 +51,8 @@ FINAL_LINK = "final"
 DATA_CACHE = ".data_cache"
 TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "grad_norm", "seqs", "loss_tokens", "tokens", "pad_frac", "step_s", "tok_per_s"]
 VAL_FIELDS = ["step", "val_loss", "val_seqs", "acc", "auc", "ece", "brier", "prefix_auc", "prefix_ece", "pos_frac"]
+VARLEN_ATTN = ("flash_attention_2", "flash_attention_3")
+DCP_DIR = "dcp"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "generation_config.json")
 
@@ -70,16 +77,18 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    eps: float = 1e-8
+    eps: float = 1e-6
     grad_clip: float = 5.0
-    dropout: float = 0.0
-    grad_checkpointing: bool = False
+    dropout: float = 0.05
+    grad_checkpointing: bool | None = None  # None: on for GPU runs, off on CPU
     pack: bool = False
+    drop: str = "auto"  # problem filter over all --data: auto = what the collection manifests name
     pad_to_multiple: int = 8
     data_cache: bool = True
     dtype: str = "auto"
     attn_impl: str = "sdpa"
     fsdp: bool = False
+    export_every: int = 0
     seed: int = 1337
     eval_every: int = 0
     save_every: int = 0
@@ -114,6 +123,13 @@ class TrainConfig:
         need(self.pad_to_multiple >= 1, "--pad-to-multiple must be >= 1")
         need(self.keep_last >= 1, "--keep-last must be >= 1")
         need(self.stop_at_step is None or self.stop_at_step >= 1, "--stop-at-step must be >= 1")
+        need(self.export_every >= 0, "--export-every must be >= 0")
+        need(self.drop == "auto" or self.drop in DROP_FILTERS,
+             f"--drop must be auto or one of {', '.join(DROP_FILTERS)}, got {self.drop!r}")
+        need(not self.pack or self.attn_impl in VARLEN_ATTN,
+             f"--pack needs varlen attention (--attn-impl {' or '.join(VARLEN_ATTN)}, CUDA + the flash-attn "
+             f"package): with {self.attn_impl} the packed row would need a dense [tokens x tokens] mask "
+             "(17 GB for 8 x 16k tokens); train without --pack (length-sorted padding)")
         return self
 
 
@@ -437,33 +453,53 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def save_checkpoint(cfg: TrainConfig, d: Dist, model, raw_model, optimizer, step: int, state: dict) -> str:
-    """Collective: every rank calls it. Rank 0 writes into `.step_N.tmp`, then renames."""
+def save_checkpoint(cfg: TrainConfig, d: Dist, model, raw_model, optimizer, step: int, state: dict,
+                    export: bool = True) -> str:
+    """Collective: every rank calls it. Everything goes into `.step_N.tmp`, which rank 0 renames.
+
+    DDP: rank 0 writes the model (`save_pretrained`) and the full optimizer state. FSDP:
+    every rank writes its own shard of model + optimizer state (torch.distributed.checkpoint,
+    `dcp/`), nothing is gathered; the model is consolidated into `model.safetensors` only on
+    export (the last step, every `--export-every` steps, or `python -m value_models.export`)."""
     import torch
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=opts) if cfg.fsdp else None
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
-    rngs = all_gather_objects(d, _rng_state())
     root = os.path.join(cfg.out, CKPT_DIR)
     name = f"step_{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+    barrier(d)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = optim_sd = None
+    if cfg.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, DCP_DIR))
+        if export:
+            model_sd = get_model_state_dict(model, options=opts)
+    else:
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    rngs = all_gather_objects(d, _rng_state())
+    if d.main:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        raw_model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
+        if export or not cfg.fsdp:
+            raw_model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
+        else:
+            raw_model.config.save_pretrained(tmp)  # what `value_models.export` needs to consolidate later
         tok = cfg.tokenizer or cfg.init
         for fname in TOKENIZER_FILES:  # so a checkpoint also serves as a standalone vLLM model dir
             src = os.path.join(tok, fname)
             if os.path.isfile(src) and not os.path.exists(os.path.join(tmp, fname)):
                 shutil.copy(src, tmp)
-        torch.save({**state, "step": step, "optimizer": optim_sd, "rng": rngs, "world_size": d.world,
-                    "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
+        torch.save({**state, "step": step, "optimizer": optim_sd, "sharded": cfg.fsdp, "rng": rngs,
+                    "world_size": d.world, "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(root, LATEST_FILE + ".tmp"), "w") as f:
@@ -547,7 +583,7 @@ def evaluate(model, ds, val_idx: np.ndarray, cfg: TrainConfig, d: Dist, pad_id: 
 def _wrap(model, cfg: TrainConfig, d: Dist):
     import torch
 
-    if cfg.grad_checkpointing:
+    if use_grad_checkpointing(cfg, d):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device)
     if cfg.fsdp:
@@ -564,6 +600,57 @@ def _wrap(model, cfg: TrainConfig, d: Dist):
 
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model
+
+
+def use_grad_checkpointing(cfg: TrainConfig, d: Dist) -> bool:
+    """Explicit setting, else on for GPU runs (16k-token sequences of the 1.5B model need it,
+    see docs/training.md) and off on CPU (small models, where recomputation only costs time)."""
+    return cfg.grad_checkpointing if cfg.grad_checkpointing is not None else d.device.type == "cuda"
+
+
+def _check_varlen(cfg: TrainConfig, d: Dist) -> None:
+    """Packing is only offered with varlen attention, which reads the sequence boundaries from
+    the position ids instead of a dense mask over the packed row."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if d.device.type != "cuda" or (cfg.attn_impl == "flash_attention_2" and not is_flash_attn_2_available()):
+        raise VGSError(f"--pack with --attn-impl {cfg.attn_impl} needs a CUDA GPU and the flash-attn package "
+                       "(pip install flash-attn); train without --pack otherwise")
+
+
+def load_data(cfg: TrainConfig, d: Dist, paths: list[str], drop: str):
+    """Prepared directories as they are; raw Parquet data only in a single process (prepared
+    into OUT/.data_cache first, or read into memory with --no-data-cache). Under torchrun,
+    raw data is refused: preparing it on one rank would keep the others waiting in a barrier
+    that times out (NCCL: 10 minutes) on large data."""
+    import hashlib
+
+    from value_models.data import ValueDataset, is_prepared
+    from value_models.prepare import prepare
+
+    ready = [p for p in paths if os.path.isdir(p) and is_prepared(p)]
+    raw = [p for p in paths if p not in ready]
+    if raw and d.world > 1:
+        raise VGSError(f"training data {' '.join(raw)} is not prepared; run `python -m value_models.prepare --data "
+                       f"{' '.join(raw)} --out PREPARED` once, then torchrun ... --data PREPARED")
+    if raw and cfg.data_cache:
+        key = hashlib.sha1(json.dumps(sorted(os.path.abspath(p) for p in raw)).encode()).hexdigest()[:16]
+        cache = os.path.join(cfg.out, DATA_CACHE, key)
+        prepare(raw, cache, progress=False)
+        paths = ready + [cache]
+    return ValueDataset(paths, cfg.max_length, drop=drop)
+
+
+def load_sharded(model, optimizer, path: str) -> None:
+    """Every rank reads only its own shards of the model and optimizer state (DCP), whatever
+    the world size that wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
 def _sync_context(model, cfg: TrainConfig, sync: bool):
@@ -592,7 +679,7 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from value_models.data import StepSampler, ValueDataset, collate, length_buckets
+    from value_models.data import StepSampler, collate, length_buckets, recorded_drop
 
     per_rank = cfg.batch_size // d.world
     if cfg.batch_size % d.world or per_rank % cfg.micro_batch_size:
@@ -603,19 +690,15 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
     if ckpt and not cfg.resume:
         raise VGSError(f"{cfg.out} already holds checkpoints (latest {os.path.basename(ckpt)}); "
                        f"pass --resume to continue it, or choose a new --out")
-    # -- data: rank 0 converts the Parquet files into the memory-mappable cache, then the others map it
-    cache = os.path.join(cfg.out, DATA_CACHE) if cfg.data_cache else None
-
-    def load(paths: list[str]) -> ValueDataset:
-        out = ValueDataset(paths, cfg.max_length, cache) if d.main else None
-        barrier(d)
-        return out if out is not None else ValueDataset(paths, cfg.max_length, cache)
-
-    ds = load(cfg.data)
+    # -- data: prepared directories are memory-mapped by every rank (no rank waits for another)
+    if cfg.pack:
+        _check_varlen(cfg, d)
+    drop = cfg.drop if cfg.drop != "auto" else (recorded_drop(cfg.data) or "none")
+    ds = load_data(cfg, d, cfg.data, drop)
     usable = ds.usable()
     if cfg.val_data:
         train_idx = usable
-        val_ds = load(cfg.val_data)
+        val_ds = load_data(cfg, d, cfg.val_data, drop)
         val_idx = val_ds.usable()
     else:
         train_idx, val_idx = ds.split(usable, cfg.val_fraction, seed=cfg.seed)
@@ -625,8 +708,9 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
     sampler = StepSampler(train_idx, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * sampler.steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total)
-    # -- resume or fresh start
+    # -- resume or fresh start (an FSDP checkpoint holds no full optimizer state: each rank reads its shard)
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False) if ckpt else None
+    sharded = bool(state and state.get("sharded"))
     if d.main:
         for stale in os.listdir(os.path.join(cfg.out, CKPT_DIR)):  # partial writes of a killed run
             if stale.endswith(".tmp"):
@@ -635,15 +719,18 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     barrier(d)
     pad_id = _pad_id(cfg)
-    raw_model = build_model(cfg, ckpt or cfg.init, d.main)
+    raw_model = build_model(cfg, cfg.init if sharded or not ckpt else ckpt, d.main)
     raw_model.train()
     model = _wrap(raw_model, cfg, d)
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)  # fused: also ~7x faster on CPU
     step = 0
-    if state is not None:
+    if state is not None and sharded:
+        load_sharded(model, optimizer, os.path.join(ckpt, DCP_DIR))
+    elif state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
+    if state is not None:
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
         if int(state.get("world_size", d.world)) == d.world:
@@ -660,8 +747,12 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
     val_log = CsvLog(os.path.join(cfg.out, "val_log.csv"), VAL_FIELDS, step) if d.main else None
     trackers = Trackers(cfg, d.main)
     if d.main:
-        print(f"[train] {len(train_idx)} train / {len(val_idx)} val sequences ({len(ds) - len(usable)} dropped: "
-              f"roll-in fills max_length), {total} steps x {cfg.batch_size} seqs "
+        n_drop = int(ds.dropped_problems.sum())
+        print(f"[train] --drop {drop}: {n_drop} of {len(ds.problem_names)} problems dropped ({int(ds.dropped.sum())} rows), "
+              f"judged over all --data together", flush=True)
+        print(f"[train] {len(train_idx)} train / {len(val_idx)} val sequences "
+              f"({int(((ds.loss_tokens == 0) & ~ds.dropped).sum())} skipped: roll-in fills max_length), "
+              f"{total} steps x {cfg.batch_size} seqs "
               f"({sampler.steps_per_epoch} steps/epoch), world {d.world}, device {d.device}", flush=True)
 
     last_ckpt = ckpt
@@ -707,7 +798,9 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
                 print(f"[train] val step {step} | loss {vrow['val_loss']:.4f} | acc {vrow['acc']:.3f} | auc {vrow['auc']:.3f} "
                       f"| ece {vrow['ece']:.3f} | prefix auc {vrow['prefix_auc']:.3f} ({vrow['val_seqs']} seqs)", flush=True)
         if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-            last_ckpt = save_checkpoint(cfg, d, model, raw_model, optimizer, step, {"sampler": sampler.state_dict()})
+            export = step == total or bool(cfg.export_every and step % cfg.export_every == 0)
+            last_ckpt = save_checkpoint(cfg, d, model, raw_model, optimizer, step, {"sampler": sampler.state_dict()},
+                                        export=export)
             if d.main:
                 print(f"[train] saved {last_ckpt}", flush=True)
     if step >= total and d.main and last_ckpt:
@@ -747,30 +840,45 @@ def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--max-length", type=int, default=16384, help="truncate roll_in + roll_out to this many tokens")
     g.add_argument("--num-labels", type=int, default=3, choices=(1, 3), help="3-class CE head or 1-class BCE head")
-    g.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step, all ranks together")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass per rank")
+    g.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step, all ranks together (published code default; the "
+                        "released model used 1024)")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass per rank (released model: 8)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs worth)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the training split (default 1)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps (the published code floors it at 100; "
+                        "docs/training.md lists where the defaults differ from the recipe)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon (published: 1e-6)")
     g.add_argument("--grad-clip", type=float, default=5.0, help="global grad-norm clip (0: off)")
-    g.add_argument("--dropout", type=float, default=0.0, help="attention + head-input dropout (published: 0.05)")
-    g.add_argument("--grad-checkpointing", action="store_true")
-    g.add_argument("--pack", action="store_true", help="pack each micro-batch into one row (no padding)")
+    g.add_argument("--dropout", type=float, default=0.05, help="attention + head-input dropout (published: 0.05)")
+    g.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True, default=None,
+                   help="recompute activations in backward (default: on for GPU runs, off on CPU)")
+    g.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const=False)
+    g.add_argument("--pack", action="store_true",
+                   help="pack each micro-batch into one row (no padding); needs --attn-impl flash_attention_2 "
+                        "on CUDA (varlen attention), refused otherwise: SDPA would need a dense mask over the row")
+    g.add_argument("--drop", default="auto", choices=("auto",) + DROP_FILTERS,
+                   help="problem filter, judged per problem over all --data (all rounds): all-wrong = drop problems "
+                        "without a correct roll-out (published VGS), no-variation = also all-correct ones, none; "
+                        "auto = what `vgs collect --drop` recorded, else none")
     g.add_argument("--pad-to-multiple", type=int, default=8)
     g.add_argument("--no-data-cache", dest="data_cache", action="store_false",
-                   help="read the Parquet data into each process's memory instead of memory-mapping an "
-                        "Arrow copy in OUT/.data_cache")
+                   help="single process, unprepared data: read the Parquet data into memory instead of "
+                        "preparing a memory-mapped copy in OUT/.data_cache")
     g.add_argument("--train-dtype" if rounds else "--dtype", dest="train_dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast dtype: auto = bf16 on GPU, fp32 on CPU (weights stay fp32)")
     g.add_argument("--attn-impl", default="sdpa", help="transformers attention implementation (sdpa, flash_attention_2, eager)")
-    g.add_argument("--fsdp", action="store_true", help="shard parameters/grads/optimizer (FSDP2) instead of DDP")
-    g.add_argument("--val-fraction", type=float, default=0.05, help="fraction of problems held out (by problem id)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters/grads/optimizer (FSDP2) instead of DDP; checkpoints are per-rank shards")
+    g.add_argument("--export-every", type=int, default=0,
+                   help="FSDP: also consolidate the model into model.safetensors every K steps (always at the end)")
+    g.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of problems held out by problem id (differs from the published run, which "
+                        "trained on all of OpenR1-VM; 0 does the same)")
     g.add_argument("--val-max-seqs", type=int, default=2000)
     g.add_argument("--eval-every", type=int, default=0, help="validate every K steps (always at the end)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
@@ -794,7 +902,8 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m value_models.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", help="Parquet files or directories (rounds: list them all)")
+    p.add_argument("--data", nargs="+", help="prepared directories (value_models.prepare; required under torchrun) "
+                                             "or, in one process, Parquet files or directories (rounds: list them all)")
     p.add_argument("--val-data", nargs="+", default=[], help="held-out Parquet data (default: split --data by problem)")
     p.add_argument("--init", help="causal LM (new head) or value model (warm start) checkpoint")
     p.add_argument("--out", help="run directory: checkpoints/, train_log.csv, val_log.csv, final")

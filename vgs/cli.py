@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "benchmarks.report",
     "value_models.collect",
     "value_models.rounds",
+    "value_models.apo_vstar",
 ]
 
 

@@ -251,8 +251,7 @@ def test_ddp_two_process_steps_and_checkpoint(ddp_run, apo_setup):
         assert all(math.isfinite(float(r[k])) for k in ("loss", "kl", "entropy", "grad_norm"))
         assert float(r["reward"]) == 0.0 and float(r["advantage"]) == pytest.approx(-float(r["v_star"]))
         assert float(r["entropy"]) > 0
-    assert float(rows[0]["kl"]) == pytest.approx(0.0, abs=1e-4)  # step 1 samples from pi_theta = pi_ref
-    assert abs(float(rows[1]["kl"])) > 1e-4  # after a synced update the policy differs from pi_ref
+    assert abs(float(rows[1]["kl"])) > 1e-4  # after synced updates the policy differs from pi_ref
     final = ddp_run / "final"
     with open(final / "config.json") as f:
         assert json.load(f)["architectures"] == ["Qwen2ForCausalLM"]

@@ -464,6 +464,15 @@ def _train(cfg: ApoConfig, d) -> str:
     if cfg.mini_batch_size % d.world:
         raise VGSError(f"--mini-batch-size ({cfg.mini_batch_size}) must be a multiple of the world size ({d.world})")
     probs = load_vstar(cfg.data, cfg.filter_incorrect)
+    if not probs.ids:
+        raise VGSError("no problems left in --data")
+    from vgs.engine import model_max_len
+
+    context = cfg.max_model_len or model_max_len(cfg.init)
+    longest = max(len(p) for p in probs.prompt_ids)
+    if longest + cfg.max_tokens > context:  # checked before any engine starts
+        raise VGSError(f"the longest prompt ({longest} tokens) + --max-tokens ({cfg.max_tokens}) exceeds the context of "
+                       f"{context} tokens; lower --max-tokens or raise --max-model-len")
     sampler = StepSampler(np.arange(len(probs.ids)), cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * sampler.steps_per_epoch))
     stop = min(total, cfg.stop_at_step) if cfg.stop_at_step else total

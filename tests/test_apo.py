@@ -122,6 +122,7 @@ def _hf_token_logprobs(model, prompt: list[int], ids: list[int]) -> list[float]:
     return [float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)]
 
 
+@pytest.mark.vllm
 def test_weight_sync_matches_transformers(policy_engine, tiny_policy):
     from transformers import AutoModelForCausalLM
 
@@ -155,6 +156,7 @@ def _problems(data_dir: str, path: Path, n: int) -> str:
     return str(path)
 
 
+@pytest.mark.vllm
 def test_apo_vstar_end_to_end_and_stand_in(tmp_path, data_dir, policy_engine, tiny_policy, hf_value_scorer, tiny_value):
     import pandas as pd
 
@@ -241,6 +243,7 @@ def ddp_run(apo_setup):
     return root / "ddp"
 
 
+@pytest.mark.vllm
 def test_ddp_two_process_steps_and_checkpoint(ddp_run, apo_setup):
     from transformers import AutoModelForCausalLM
 
@@ -261,6 +264,7 @@ def test_ddp_two_process_steps_and_checkpoint(ddp_run, apo_setup):
     assert (final / "tokenizer.json").exists()
 
 
+@pytest.mark.vllm
 def test_resume_gives_identical_losses(ddp_run, apo_setup):
     root, _, common = apo_setup
     out = root / "resumed"
@@ -272,6 +276,7 @@ def test_resume_gives_identical_losses(ddp_run, apo_setup):
     assert [[r[k] for k in keys] for r in _log(out)] == [[r[k] for k in keys] for r in _log(ddp_run)]
 
 
+@pytest.mark.vllm
 def test_fsdp_matches_ddp(ddp_run, apo_setup):
     root, _, common = apo_setup
     out = root / "fsdp"

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "benchmarks.report",
     "value_models.collect",
     "value_models.rounds",
+    "value_models.apo_vstar",
 ]
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from vgs.config import EngineConfig, SamplingConfig
 from vgs.errors import VGSError
@@ -26,6 +28,7 @@ from vgs.errors import VGSError
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_GIB = 2.0
+WEIGHT_BUCKET_BYTES = 1 << 30  # safetensors file size per weight-sync bucket
 
 
 @dataclass
@@ -193,6 +196,58 @@ class PolicyEngine:
     def num_running(self) -> int:
         """vLLM requests not finished yet (running or waiting): 0 after a cancelled search."""
         return int(self.llm.get_num_unfinished_requests()) if self.llm is not None else 0
+
+    def update_weights(self, weights: Iterable[tuple[str, Any]], staging_dir: str | None = None) -> None:
+        """Load new weights into the running engine without a restart (RL weight sync).
+
+        `weights` is the full set of (checkpoint name, tensor) pairs, as in a transformers
+        `state_dict()` of the same architecture. They are written as safetensors files into a
+        fresh directory under `staging_dir` (default `/dev/shm`, i.e. memory, when writable),
+        and every worker reloads them in place through vLLM's worker RPC
+        (`collective_rpc("reload_weights", weights_path=...)`, which also re-runs each layer's
+        post-load processing and works with tensor parallelism: every worker reads the files
+        and keeps its shard). The RPC carries only the path, as vLLM recommends for bulk data.
+        The prefix cache is reset afterwards: cached KV blocks were computed by the old weights.
+        """
+        from safetensors.torch import save_file
+
+        from vgs.aio import run_sync
+
+        if self.llm is None:
+            raise VGSError("the policy engine is closed")
+        root = staging_dir or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+        path = tempfile.mkdtemp(prefix="vgs-weights-", dir=root)
+        try:
+            bucket: dict[str, Any] = {}
+            size = files = 0
+
+            def flush() -> None:
+                nonlocal bucket, size, files
+                if bucket:
+                    save_file(bucket, os.path.join(path, f"model-{files:05d}.safetensors"))
+                    files += 1
+                bucket, size = {}, 0
+
+            for name, t in weights:
+                t = t.detach().to("cpu").contiguous()
+                bucket[name] = t
+                size += t.numel() * t.element_size()
+                if size >= WEIGHT_BUCKET_BYTES:
+                    flush()
+            flush()
+            if not files:
+                raise VGSError("update_weights got no tensors")
+            reset = run_sync(self._reload(path))
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        if not reset:
+            log.warning("prefix cache not reset after a weight update (requests still running?)")
+
+    async def _reload(self, path: str) -> bool:
+        """Every worker reloads the staged files, then the prefix cache is dropped (on the
+        engine loop, which owns the AsyncLLM)."""
+        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True})
+        return bool(await self.llm.reset_prefix_cache())
 
     def sampling_params(self, req: GenRequest, sampling: SamplingConfig) -> Any:
         from vllm import SamplingParams

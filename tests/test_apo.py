@@ -1,0 +1,305 @@
+"""A*-PO: V* against hand values, the loss gradient against its closed form, the chunked
+log-softmax against the full one, weight sync into a running vLLM engine against
+transformers, stage 1 end to end through vLLM (and the value-model stand-in), and real
+`torchrun --nproc_per_node 2` (gloo) stage-2 runs: DDP steps, resume with identical losses,
+FSDP equal to DDP, checkpoints that load as plain Qwen2ForCausalLM; bad flags exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from value_models.apo import (Batch, apo_sequence_loss, chunked_logprobs, collate, load_vstar, sequence_sums, _module)
+from value_models.apo_vstar import v_star, v_star_from_prob
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- stage 1 math
+
+
+def test_v_star_hand_values_and_stability():
+    assert v_star([1] + [0] * 7, 0.5) == pytest.approx(0.2935, abs=5e-4)  # 0.5 ln((7 + e^2) / 8)
+    assert v_star([1] * 4 + [0] * 4, 0.5) == pytest.approx(0.7169, abs=5e-4)  # 0.5 ln((1 + e^2) / 2)
+    assert v_star([0] * 8, 0.5) == 0.0 and v_star([1] * 8, 0.5) == pytest.approx(1.0)
+    assert v_star([1, 0, 0, 0], 0.0) == 0.25  # beta1 = 0: the mean
+    assert v_star([], 0.5) == 0.0
+    # the naive form overflows here (exp(1/1e-4)); the stable one tends to the max reward
+    assert v_star([1, 0, 0, 0], 1e-4) == pytest.approx(1.0 - 1e-4 * math.log(4), abs=1e-9)
+    # the value-model stand-in's closed form agrees with the sample form at p = pass rate
+    assert v_star_from_prob([1 / 8, 0.5, 0.0], 0.5) == pytest.approx([v_star([1] + [0] * 7, 0.5),
+                                                                     v_star([1, 0] * 4, 0.5), 0.0], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- stage 2 math
+
+
+def _small_lm(vocab: int = 97, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
+                      tie_word_embeddings=False, use_cache=False)
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def _toy_batch():
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    responses = [[20, 21, 1], [22], [23, 24, 25, 26, 2]]
+    return prompts, responses, collate(prompts, responses, pad_id=0)
+
+
+def test_chunked_logprobs_match_full_softmax():
+    lm = _small_lm()
+    prompts, responses, b = _toy_batch()
+    policy = _module()(lm, chunk=2)
+    lp, ent = policy(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)
+    full = lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float().log_softmax(-1)
+    for k, (p, r) in enumerate(zip(prompts, responses)):
+        want = [full[k, len(p) - 1 + j, t] for j, t in enumerate(r)]
+        got = lp[b.seq == k]
+        torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+        want_ent = -(full[k, len(p) - 1: len(p) - 1 + len(r)].exp() * full[k, len(p) - 1: len(p) - 1 + len(r)]).sum(-1)
+        torch.testing.assert_close(ent[b.seq == k], want_ent, atol=1e-5, rtol=1e-5)
+    # chunk size changes nothing, gradients included
+    g = []
+    for chunk in (1, 1000):
+        lm.zero_grad()
+        out, _ = _module()(lm, chunk)(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)
+        out.sum().backward()
+        g.append(lm.lm_head.weight.grad.clone())
+    torch.testing.assert_close(g[0], g[1], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_gradient_matches_closed_form():
+    """grad of mean_i (b2 (lp_i - ref_i) - (r_i - V_i))^2 = mean_i 2 b2 (b2 (lp_i - ref_i) - (r_i - V_i)) grad lp_i."""
+    lm = _small_lm(seed=1)
+    _, _, b = _toy_batch()
+    policy = _module()(lm, chunk=3)
+    ref = torch.tensor([-9.0, -4.0, -20.0])
+    r, vs, beta2 = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.294, 0.717, 1.0]), 0.3  # large beta2: both terms count
+    params = [p for p in lm.parameters()]
+    tok_lp, _ = policy(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)
+    lp = sequence_sums(tok_lp, b)
+    loss = apo_sequence_loss(lp, ref, r, vs, beta2).mean()
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    coef = 2 * beta2 * (beta2 * (lp.detach() - ref) - (r - vs)) / 3
+    closed = [torch.zeros_like(p) for p in params]
+    for i in range(3):
+        gi = torch.autograd.grad(lp[i], params, retain_graph=True)
+        for c, g in zip(closed, gi):
+            c += coef[i] * g
+    for a, c in zip(grads, closed):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(((beta2 * (lp.detach() - ref) - (r - vs)) ** 2).mean()))
+
+
+# ------------------------------------------------------------------------------- weight sync (real vLLM)
+
+
+def _vllm_token_logprobs(engine, prompt: list[int], seed: int = 3) -> tuple[list[int], list[float]]:
+    from vgs.config import SamplingConfig
+    from vgs.engine import GenRequest
+
+    out = engine.generate([GenRequest(prompt, 12, seed=seed, logprobs=0)],
+                          SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=12))[0][0]
+    return list(out.token_ids), [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
+
+
+def _hf_token_logprobs(model, prompt: list[int], ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        lp = model(input_ids=torch.tensor([prompt + ids])).logits.float().log_softmax(-1)[0]
+    return [float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)]
+
+
+@pytest.mark.vllm
+def test_weight_sync_matches_transformers(policy_engine, tiny_policy):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = [151646, 3838, 374, 220, 17, 10, 17, 30]
+    ids0, lp0 = _vllm_token_logprobs(policy_engine, prompt)
+    assert lp0 == pytest.approx(_hf_token_logprobs(model, prompt, ids0), abs=1e-4)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a large change, so stale weights could not pass
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    try:
+        policy_engine.update_weights(model.state_dict().items())
+        ids1, lp1 = _vllm_token_logprobs(policy_engine, prompt)
+        assert lp1 == pytest.approx(_hf_token_logprobs(model, prompt, ids1), abs=1e-4)
+        assert lp1 != pytest.approx(_hf_token_logprobs(AutoModelForCausalLM.from_pretrained(tiny_policy), prompt, ids1),
+                                    abs=1e-2)
+    finally:  # the session engine goes back to its own weights for the other tests
+        policy_engine.update_weights(original.items())
+    assert _vllm_token_logprobs(policy_engine, prompt) == (ids0, pytest.approx(lp0, abs=1e-6))
+
+
+# ------------------------------------------------------------------------------- stage 1 through vLLM
+
+
+def _problems(data_dir: str, path: Path, n: int) -> str:
+    with open(os.path.join(data_dir, "math500.jsonl")) as f, open(path, "w") as g:
+        for _, line in zip(range(n), f):
+            g.write(line)
+    return str(path)
+
+
+@pytest.mark.vllm
+def test_apo_vstar_end_to_end_and_stand_in(tmp_path, data_dir, policy_engine, tiny_policy, hf_value_scorer, tiny_value):
+    import pandas as pd
+
+    from value_models.apo_vstar import VStarConfig, estimate
+    from vgs.errors import VGSError
+
+    probs = _problems(data_dir, tmp_path / "p.jsonl", 3)
+    cfg = dict(problems=probs, ref=tiny_policy, samples_per_problem=3, max_tokens=8, chunk_size=2, progress=False)
+    out = tmp_path / "vstar"
+    man = estimate(VStarConfig(out=str(out), **cfg), engine_factory=lambda m: (policy_engine, False))
+    assert man["complete"] and man["totals"]["rows"] == 3 and sum(man["totals"]["labels"]) == 9
+    df = pd.read_parquet(out / "data")
+    assert len(df) == 3 and (df.n == 3).all() and all(len(x) == 3 for x in df.response_ids)
+    for _, row in df.iterrows():
+        assert row.v_star == pytest.approx(v_star(list(row.rewards), 0.5))
+        assert all(f == "length" for f in row.finish)  # 8 random tokens never end on EOS: reward 0
+        assert row.pass_rate == 0.0 and list(row.prompt_ids)[:1] == [151646]
+    again = estimate(VStarConfig(out=str(out), **cfg), engine_factory=lambda m: (policy_engine, False))
+    assert again["totals"]["rows"] == 3  # resumed: nothing redone
+    with pytest.raises(VGSError, match="different settings"):
+        estimate(VStarConfig(out=str(out), beta1=0.25, **cfg), engine_factory=lambda m: (policy_engine, False))
+    # stage 2's loader reads it
+    assert load_vstar([str(out)]).ids == df.problem_id.tolist()
+    # stand-in: V* from the value model's P(correct) at the prompt, closed form
+    sout = tmp_path / "standin"
+    estimate(VStarConfig(out=str(sout), value_model=tiny_value, **cfg), scorer=hf_value_scorer)
+    sdf = pd.read_parquet(sout / "data")
+    p = hf_value_scorer.score([list(x) for x in sdf.prompt_ids])
+    assert sdf.value_prob.tolist() == pytest.approx(p, abs=1e-5)
+    assert sdf.v_star.tolist() == pytest.approx([0.5 * math.log(1 - q + q * math.e ** 2) for q in p], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- stage 2 (torchrun, gloo)
+
+
+def _write_vstar(path: Path, tokenizer_dir: str, n: int = 8) -> Path:
+    """Stage-1 rows for stage-2 runs (varied V*, so every advantage differs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vgs.prompts import load_tokenizer, prompt_ids
+
+    tok = load_tokenizer(tokenizer_dir)
+    rows = {"problem_id": [f"q{i}" for i in range(n)],
+            "prompt_ids": [prompt_ids(tok, f"What is {i} + {i}?") for i in range(n)],
+            "answer": [str(2 * i) for i in range(n)], "v_star": [0.1 * i for i in range(n)],
+            "pass_rate": [0.5] * n}
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path / "part-00000.parquet")
+    return path
+
+
+def _torchrun(args: list[str], log: Path, nproc: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "value_models.apo", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def _log(out: Path) -> list[dict]:
+    with open(out / "apo_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def apo_setup(tmp_path_factory, tokenizer_dir):
+    from vgs.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("apo")
+    init = make_tiny("policy", tokenizer_dir, str(root / "init"), layers=1, hidden=64, seed=0, max_positions=512)
+    data = _write_vstar(root / "vstar", tokenizer_dir)
+    common = ["--data", str(data), "--init", init, "--steps", "2", "--batch-size", "4", "--mini-batch-size", "2",
+              "--micro-batch-size", "1", "--lr", "1e-3", "--max-tokens", "6", "--kv-cache-gib", "0.1",
+              "--max-model-len", "256", "--logprob-chunk", "4", "--no-progress"]
+    return root, init, common
+
+
+@pytest.fixture(scope="module")
+def ddp_run(apo_setup):
+    root, _, common = apo_setup
+    _torchrun([*common, "--out", str(root / "ddp")], root / "ddp.log")
+    return root / "ddp"
+
+
+@pytest.mark.vllm
+def test_ddp_two_process_steps_and_checkpoint(ddp_run, apo_setup):
+    from transformers import AutoModelForCausalLM
+
+    _, init, _ = apo_setup
+    rows = _log(ddp_run)
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert all(math.isfinite(float(r[k])) for k in ("loss", "kl", "entropy", "grad_norm"))
+        assert float(r["reward"]) == 0.0 and float(r["advantage"]) == pytest.approx(-float(r["v_star"]))
+        assert float(r["entropy"]) > 0
+    assert abs(float(rows[1]["kl"])) > 1e-4  # after synced updates the policy differs from pi_ref
+    final = ddp_run / "final"
+    with open(final / "config.json") as f:
+        assert json.load(f)["architectures"] == ["Qwen2ForCausalLM"]
+    trained = AutoModelForCausalLM.from_pretrained(str(final))
+    base = AutoModelForCausalLM.from_pretrained(init)
+    assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)
+    assert (final / "tokenizer.json").exists()
+
+
+@pytest.mark.vllm
+def test_resume_gives_identical_losses(ddp_run, apo_setup):
+    root, _, common = apo_setup
+    out = root / "resumed"
+    _torchrun([*common, "--out", str(out), "--stop-at-step", "1"], root / "stop.log")
+    assert not (out / "final").exists() and len(_log(out)) == 1
+    _torchrun([*common, "--out", str(out), "--resume"], root / "resume.log")
+    assert "resumed from" in (root / "resume.log").read_text()
+    keys = ("loss", "reward", "kl", "entropy", "grad_norm")
+    assert [[r[k] for k in keys] for r in _log(out)] == [[r[k] for k in keys] for r in _log(ddp_run)]
+
+
+@pytest.mark.vllm
+def test_fsdp_matches_ddp(ddp_run, apo_setup):
+    root, _, common = apo_setup
+    out = root / "fsdp"
+    _torchrun([*common, "--out", str(out), "--fsdp"], root / "fsdp.log")
+    for a, b in zip(_log(out), _log(ddp_run)):
+        for k in ("loss", "kl", "entropy"):
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4, abs=1e-6), k
+
+
+# ------------------------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "value_models.apo", "--data", "d", "--init", "i", "--out", "o", "--beta2", "-1"],
+    ["-m", "value_models.apo", "--data", "d", "--init", "i", "--out", "o", "--batch-size", "10", "--mini-batch-size", "4"],
+    ["-m", "value_models.apo", "--data", "d", "--init", "i"],
+    ["-m", "value_models.apo", "--data", "/nonexistent/d", "--init", "i", "--out", "o"],
+    ["-m", "vgs.cli", "apo-vstar", "--problems", "p.jsonl", "--policy", "x", "--out", "o", "--beta1", "-0.5"],
+    ["-m", "vgs.cli", "apo-vstar", "--problems", "p.jsonl", "--policy", "x", "--out", "o", "--samples", "zero"],
+])
+def test_bad_flags_one_line_exit_2(argv, tmp_path):
+    p = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in p.stderr, p.stderr

@@ -91,3 +91,33 @@ def reuse_work(sequences: Iterable[Sequence[int]]) -> Work:
         if s:
             scored.add(key)
     return Work(tokens=tokens, pairs=pairs, head_calls=len(scored))
+
+
+# The published value model (DeepSeek-VM-1.5B: the Qwen2-1.5B trunk, 3-class head).
+PUBLISHED_VALUE_SHAPE = ModelShape(layers=28, hidden=1536, heads=12, kv_heads=2, head_dim=128, intermediate=8960,
+                                   labels=3)
+
+
+def _causal_pairs(start: int, end: int) -> int:
+    """Σ_{i=start}^{end-1} (i + 1): (query, key) pairs of positions start..end-1."""
+    return end * (end + 1) // 2 - start * (start + 1) // 2
+
+
+def beam_search_work(prompt: int, beams: int, rounds: int, width: int, block: int) -> tuple[Work, Work]:
+    """(re-prefill, perfect reuse) work of scoring a block beam search in closed form: round r
+    scores beams × width candidates of prompt + (r+1)·block tokens. Re-prefill runs each from
+    scratch with the head on every position; a perfect prefix cache computes the prompt once
+    and each candidate's new block once, with one head call per candidate."""
+    re_tokens = re_pairs = 0
+    new_tokens = new_pairs = 0
+    for r in range(rounds):
+        n = beams * width
+        length = prompt + (r + 1) * block
+        re_tokens += n * length
+        re_pairs += n * _causal_pairs(0, length)
+        new_tokens += n * block
+        new_pairs += n * _causal_pairs(length - block, length)
+    reprefill = Work(tokens=re_tokens, pairs=re_pairs, head_calls=re_tokens)
+    reuse = Work(tokens=prompt + new_tokens, pairs=_causal_pairs(0, prompt) + new_pairs,
+                 head_calls=beams * width * rounds)
+    return reprefill, reuse

@@ -17,6 +17,16 @@ import pandas as pd
 METRICS = {"pass1": "pass@1", "maj": "maj@n", "wmaj": "wmaj@n", "bon": "bon@n", "pass_n": "pass@n"}
 
 
+def sort_rows(rows: list[dict], benchmarks: list[str] | None = None) -> list[dict]:
+    """Rows in one canonical order (benchmark as listed, else by first appearance; problem;
+    repetition), so a summary or curve does not depend on the order rows were written — a
+    single run and merged shards give the same tables."""
+    order = {b: i for i, b in enumerate(benchmarks or [])}
+    for r in rows:
+        order.setdefault(r["benchmark"], len(order))
+    return sorted(rows, key=lambda r: (order[r["benchmark"]], str(r["problem_id"]), int(r["repetition"])))
+
+
 def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
     flat = []
     for r in rows:
@@ -34,6 +44,10 @@ def _ci(df: pd.DataFrame, col: str) -> tuple[float, float]:
     if df[col].isna().all():
         return float("nan"), float("nan")
     mat = df.pivot_table(index="problem_id", columns="repetition", values=col, aggfunc="mean").to_numpy(dtype=float)
+    if np.isnan(mat).any():
+        # An incomplete matrix (one shard of a run, or a run still in progress): the mean of
+        # what is there, no CI (merge the shards with `vgs report` for the full table).
+        return 100.0 * float(np.nanmean(mat)), float("nan")
     mean, half = mean_ci(mat)
     return 100.0 * mean, 100.0 * half
 
@@ -59,7 +73,9 @@ def summarize(rows: list[dict]) -> pd.DataFrame:
             if col in avg or col == "benchmark":
                 continue
             if col.endswith(" ci"):
-                avg[col] = math.sqrt(float(np.nansum(summary[col] ** 2))) / len(summary)
+                cis = summary[col].astype(float)
+                avg[col] = (float("nan") if cis.isna().any()
+                            else math.sqrt(float(np.sum(cis ** 2))) / len(summary))
             else:
                 avg[col] = float(summary[col].mean())
         summary = pd.concat([summary, pd.DataFrame([avg])], ignore_index=True)
@@ -75,7 +91,8 @@ def format_table(summary: pd.DataFrame, method: str) -> str:
         if summary[c].isna().all():
             continue
         label = f"{method} acc" if c == "accuracy" else c
-        show[label] = [f"{m:5.1f} ± {h:4.1f}" if not math.isnan(m) else "-" for m, h in zip(summary[c], summary[c + " ci"])]
+        show[label] = [("-" if math.isnan(m) else f"{m:5.1f}" if math.isnan(h) else f"{m:5.1f} ± {h:4.1f}")
+                       for m, h in zip(summary[c], summary[c + " ci"])]
     show["mean tokens"] = summary["mean tokens"].map(lambda x: f"{x:,.0f}")
     show["TFLOPs/problem"] = summary["TFLOPs/problem"].map(lambda x: f"{x:.3g}")
     return show.to_string(index=False)
@@ -169,27 +186,83 @@ def plot_accuracy_vs_budget(curves: dict, path: str) -> bool:
 
 # ----------------------------------------------------------------------------- `vgs report`
 
-def load_run(out_dir: str) -> tuple[list[dict], "object"]:
-    """Rows and SearchConfig of a finished (or partial) `vgs eval` output directory."""
+def _read_run_config(out_dir: str) -> dict:
     import json
 
-    from vgs.config import SearchConfig
     from vgs.errors import VGSError
 
     cfg_path, rows_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "samples.jsonl")
     if not (os.path.isfile(cfg_path) and os.path.isfile(rows_path)):
         raise VGSError(f"{out_dir} is not a `vgs eval` output directory (needs config.json and samples.jsonl)")
     with open(cfg_path) as f:
-        fp = json.load(f)["fingerprint"]
-    search = SearchConfig(**fp["search"])
-    with open(rows_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return rows, search
+        return json.load(f)
+
+
+def load_run(out_dir: str) -> tuple[list[dict], "object"]:
+    """Rows (texts and traces left out) and SearchConfig of a finished (or partial) `vgs eval`
+    output directory."""
+    from vgs.config import SearchConfig
+
+    saved = _read_run_config(out_dir)
+    search = SearchConfig(**saved["fingerprint"]["search"])
+    return sort_rows(_read_rows(out_dir), saved.get("benchmarks")), search
+
+
+def _read_rows(out_dir: str) -> list[dict]:
+    """Complete lines only, file untouched (a shard may still be running and appending)."""
+    import json
+
+    rows = []
+    with open(os.path.join(out_dir, "samples.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n") and line.strip():
+                row = json.loads(line)
+                row.pop("trace", None)
+                for smp in row.get("samples", ()):
+                    smp.pop("text", None)
+                rows.append(row)
+    return rows
+
+
+def merge_runs(dirs: list[str]) -> list[tuple[str, list[dict], "object"]]:
+    """Group output directories by configuration: directories with the same fingerprint (the
+    shards of one evaluation, or a run split over jobs) become one run whose rows are the
+    union. An item present in two of them means the shards overlap: an error, not a silent
+    double count."""
+    import json
+
+    from vgs.errors import VGSError
+
+    groups: dict[str, list[str]] = {}
+    for d in dirs:
+        fp = json.dumps(_read_run_config(d)["fingerprint"], sort_keys=True)
+        groups.setdefault(fp, []).append(d)
+    runs = []
+    for members in groups.values():
+        rows, seen, search, benchmarks = [], {}, None, []
+        for d in members:
+            part, search = load_run(d)
+            for b in _read_run_config(d).get("benchmarks") or []:
+                if b not in benchmarks:
+                    benchmarks.append(b)
+            for r in part:
+                key = (r["benchmark"], str(r["problem_id"]), int(r["repetition"]))
+                if key in seen:
+                    raise VGSError(f"{key[0]} problem {key[1]} repetition {key[2]} is in both {seen[key]} and {d}: "
+                                   "these runs overlap (shards of one run must use the same --num-shards and "
+                                   "different --shard-index)")
+                seen[key] = d
+                rows.append(r)
+        names = [os.path.basename(os.path.normpath(d)) for d in members]
+        runs.append(("+".join(names), sort_rows(rows, benchmarks), search))
+    return runs
 
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="compare finished `vgs eval` runs: one table and an accuracy-vs-budget plot")
-    p.add_argument("runs", nargs="+", help="output directories of `vgs eval`")
+    p.add_argument("runs", nargs="+", help="output directories of `vgs eval`; directories with the same "
+                                           "configuration (e.g. the shards of one run) are merged into one")
+    p.add_argument("--separate", action="store_true", help="do not merge same-configuration directories")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-budget plot here (PNG)")
     p.add_argument("--csv", default=None, help="write the combined summary here")
     p.set_defaults(func=run_report)
@@ -197,9 +270,15 @@ def register(sub) -> None:
 
 def run_report(args) -> int:
     frames, curves = [], {}
-    for d in args.runs:
-        rows, search = load_run(d)
-        name = f"{os.path.basename(os.path.normpath(d))} ({search.method}, N={search.total_budget})"
+    if getattr(args, "separate", False):
+        runs = []
+        for d in args.runs:
+            rows, search = load_run(d)
+            runs.append((os.path.basename(os.path.normpath(d)), rows, search))
+    else:
+        runs = merge_runs(args.runs)
+    for base, rows, search in runs:
+        name = f"{base} ({search.method}, N={search.total_budget})"
         s = summarize(rows)
         s.insert(0, "run", name)
         frames.append(s)

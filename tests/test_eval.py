@@ -100,3 +100,74 @@ def test_eval_majority_cli_end_to_end_and_resume(tiny_policy, data_dir, tmp_path
                              capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert changed.returncode == 2 and "different configuration" in changed.stderr
     assert "Traceback" not in changed.stderr
+
+
+# ---------------------------------------------------------------- checks before any engine starts
+
+def test_wrong_models_and_unwritable_out_fail_before_engines(tiny_policy, tiny_value, data_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    import benchmarks.runner as runner
+
+    def no_engines(cfg):
+        raise AssertionError("an engine was started before the arguments were checked")
+
+    monkeypatch.setattr(runner, "build_engines", no_engines)
+    base = ["eval", "--benchmark", "aime24", "--data-dir", data_dir, "--limit", "1"]
+    cases = [
+        (["--policy", tiny_value, "--out", str(tmp_path / "a")], "is a value model"),
+        (["--policy", tiny_policy, "--method", "vgs", "--value-model", tiny_policy, "--out", str(tmp_path / "b")],
+         "is not a value model"),
+        (["--policy", tiny_policy, "--method", "qsharp", "--value-model", tiny_policy, "--out", str(tmp_path / "c")],
+         "is not a value model"),
+        (["--policy", tiny_policy, "--out", "/proc/no-such-dir/out"], "cannot be created"),
+        (["--policy", tiny_policy, "--out", str(tmp_path / "d"), "--num-shards", "2", "--shard-index", "2"],
+         "--shard-index must be in [0, 2)"),
+    ]
+    for extra, message in cases:
+        code, err = run_cli(base + extra, capsys)
+        assert code == 2, err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = run_cli(base + ["--policy", tiny_policy, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "cannot be created" in err
+
+
+# ---------------------------------------------------------------- shards and the results file
+
+def test_shards_are_disjoint_balanced_and_stable():
+    from benchmarks.runner import shard_of
+
+    items = [(b, i, r) for b in ("aime24", "math500") for i in range(30) for r in range(3)]
+    for k in (1, 2, 3, 7):
+        parts = [[it for it in items if shard_of(*it, k) == s] for s in range(k)]
+        assert sorted(sum(parts, [])) == sorted(items)  # every item in exactly one shard
+        assert max(map(len, parts)) - min(map(len, parts)) <= 2 * 3  # round-robin: near equal sizes
+    assert {shard_of("aime24", i, 0, 2) for i in range(2)} == {0, 1}
+
+
+def test_results_file_keeps_keys_only_and_streams_rows(tmp_path):
+    rf = ResultsFile(str(tmp_path))
+    rows = [{"benchmark": "aime24", "problem_id": str(i), "repetition": 0, "trace": [1],
+             "samples": [{"text": "x" * 1000, "answer": "1"}]} for i in range(3)]
+    rf.append(rows)
+    assert not hasattr(rf, "rows")  # no copy of the rows in memory
+    again = ResultsFile(str(tmp_path))
+    assert again.done() == {("aime24", str(i), 0) for i in range(3)}
+    light = list(again.iter_rows(light=True))
+    assert [r["problem_id"] for r in light] == ["0", "1", "2"]
+    assert light[0]["samples"] == [{"answer": "1"}] and "trace" not in light[0]
+    assert list(again.iter_rows())[2]["samples"][0]["text"] == "x" * 1000
+
+
+def test_default_budgets_are_comparable():
+    """Default VGS total budget (budget x trees) equals the default majority n, in the config
+    and on the command line."""
+    from benchmarks.runner import config_from_args
+    from vgs.cli import build_parser
+    from vgs.config import SearchConfig
+
+    assert SearchConfig(method="vgs").total_budget == SearchConfig(method="majority").total_budget == 16
+    parse = lambda m: config_from_args(build_parser().parse_args(  # noqa: E731
+        ["eval", "--benchmark", "aime24", "--policy", "p", "--out", "o", "--method", m]))
+    assert parse("vgs").search.total_budget == parse("majority").search.total_budget == 16

@@ -72,7 +72,9 @@ def test_guided_distribution_equals_formula():
 
 
 def test_temperature_applies_after_the_offset():
-    """vLLM tempers the offset logits: the sampled law is ∝ (π_ref^{1/T}) · exp(offset / T)."""
+    """The algebra of tempering offset logits: softmax((ℓ + offset)/T) ∝ π_ref^{1/T} · exp(offset/T).
+    It is not a check of vLLM: that vLLM tempers after the processor is its sampler's order
+    (docs/guidance.md, "Temperature after the offset")."""
     logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(1))
     cand = core.top_k_candidates(logits, 4)
     offs = core.compute_offsets(core.CandidateScores.from_probs(torch.tensor([[0.9, 0.5, 0.1, 0.0]])), 0.2)
@@ -192,10 +194,11 @@ def value_hf(tiny_value):
     return load_value_model(tiny_value)
 
 
-def test_cached_value_model_matches_full_forwards(tiny_value, value_hf):
+@pytest.mark.parametrize("page_size", [64, 4])
+def test_cached_value_model_matches_full_forwards(tiny_value, value_hf, page_size):
     from vgs.guidance.worker_model import CachedValueModel
 
-    m = CachedValueModel(tiny_value)
+    m = CachedValueModel(tiny_value, page_size=page_size)  # 4: rows span many pages
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (5, 17, 1)]
     rows = [m.alloc_row() for _ in seqs]
@@ -215,6 +218,58 @@ def test_cached_value_model_matches_full_forwards(tiny_value, value_hf):
             assert m.lens[rows[2]] == 0
             seqs[2] = torch.randint(0, 151000, (9,), generator=g).tolist()
     assert m.tokens_computed > 0
+    for r in rows:  # every page comes back when the requests end
+        m.free_row(r)
+    assert m.pages_in_use == 0
+
+
+def test_guidance_kv_budget_fails_one_request_not_the_batch(tiny_value, value_hf, tmp_path, monkeypatch):
+    """A 5-page budget (4 usable pages of 64 tokens): a second 150-token request cannot fit.
+    It alone is ended (only its stop token stays possible) with the error in its report; the
+    first is guided exactly; once requests end their pages are free for the next one."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from vgs.guidance.report import read_report
+    from vgs.guidance.v1_processor import QSharpV1Processor
+
+    monkeypatch.setenv("VGS_GUIDANCE_REPORT_DIR", str(tmp_path))
+    page_bytes = 2 * 2 * 1 * 64 * 64 * 4  # (k, v) x layers x kv heads x page x head dim x fp32
+    cfg = SimpleNamespace(additional_config={"vgs_guidance_kv_gib": 5 * page_bytes / 2**30})
+    proc = QSharpV1Processor(cfg, torch.device("cpu"), False)
+    g = torch.Generator().manual_seed(11)
+    V = value_hf.config.vocab_size
+    eos = 151643
+
+    def params(key):
+        p = sp(tiny_value, vgs_report_key=key)
+        p.stop_token_ids = [eos]
+        p._all_stop_token_ids = {eos}
+        return p
+
+    prompts = {n: torch.randint(0, 150000, (150,), generator=g).tolist() for n in "abc"}
+    outs = {n: [] for n in prompts}
+    proc.update_state(BatchUpdate(2, removed=[], moved=[], added=[
+        (0, params("a"), prompts["a"], outs["a"]), (1, params("b"), prompts["b"], outs["b"])]))
+    model = proc.entries[0].req.model
+    assert model.max_pages == 5
+    for _ in range(2):
+        logits = torch.randn(2, V, generator=g)
+        before = logits.clone()
+        after = proc.apply(logits)
+        check_rows(before[:1], after[:1], {0: expected_delta(value_hf, prompts["a"] + outs["a"], before[0])})
+        assert after[1, eos] == 0 and torch.isinf(after[1]).sum() == V - 1  # b is ended: stop token only
+        outs["a"].append(int(torch.randint(0, 150000, (1,), generator=g)))
+        outs["b"].append(eos)
+    assert model.pages_in_use == 3  # a's 151-152 tokens; b holds nothing
+    rep_b = read_report("b", 2)
+    assert rep_b.error and "guidance KV budget exhausted" in rep_b.error and "--guidance-kv-gib" in rep_b.error
+    assert read_report("a", 2).error is None
+    proc.update_state(BatchUpdate(0, removed=[0, 1], moved=[], added=[]))
+    assert model.pages_in_use == 0
+    proc.update_state(BatchUpdate(1, removed=[], moved=[], added=[(0, params("c"), prompts["c"], outs["c"])]))
+    logits = torch.randn(1, V, generator=g)
+    before = logits.clone()
+    check_rows(before, proc.apply(logits), {0: expected_delta(value_hf, prompts["c"], before[0])})
 
 
 def test_cached_value_model_histogram_head(tiny_value, value_hf):
@@ -563,3 +618,49 @@ def test_guided_sample_search_and_bad_params(policy_engine, tiny_value):
             "vgs_guidance": "qsharp", "vgs_value_model": tiny_value, "vgs_top_k": 0})], samp)
     # ... and the engine keeps serving.
     assert 1 <= len(policy_engine.generate([GenRequest(PROMPT, 4, seed=1)], samp)[0][0].token_ids) <= 4
+
+
+@pytest.mark.vllm
+def test_guidance_budget_through_vllm_eval_keeps_going(tiny_policy, tiny_value, data_dir, tmp_path, monkeypatch):
+    """A real engine whose guidance budget is 4 usable 64-token pages: guided AIME prompts
+    (100+ tokens, 2 samples each, all in flight together) cannot all fit. The engine process
+    survives, `vgs eval` reports the failed items in one line each, writes the others, and
+    the same engine then guides a request that fits."""
+    import io
+
+    import benchmarks.runner as runner
+    from benchmarks.runner import EvalConfig, run_eval
+    from vgs.config import EngineConfig, SamplingConfig, SearchConfig
+    from vgs.engine import GenRequest, PolicyEngine
+    from vgs.guidance.params import GuideParams
+    from vgs.guidance.report import read_report
+    from vgs.search import Engines
+
+    page_bytes = 2 * 2 * 1 * 64 * 64 * 4
+    engine = PolicyEngine(EngineConfig(model=tiny_policy, kv_cache_gib=0.25, max_model_len=1024,
+                                       guidance_kv_gib=5 * page_bytes / 2**30))
+    try:
+        monkeypatch.setattr(runner, "build_engines", lambda cfg: Engines(policy=engine, value_model=tiny_value))
+        err = io.StringIO()
+        monkeypatch.setattr(runner.sys, "stderr", err)
+        cfg = EvalConfig(benchmarks=["aime24"], policy=tiny_policy, value_model=tiny_value, out=str(tmp_path / "q"),
+                         data_dir=data_dir, limit=3, batch_size=3,
+                         search=SearchConfig(method="qsharp", n=2, eta=0.5, top_k=4),
+                         sampling=SamplingConfig(max_tokens=16, temperature=1.0, top_p=1.0, seed=0))
+        run_eval(cfg)
+        log = err.getvalue()
+        failures = [ln for ln in log.splitlines() if " failed: " in ln]
+        assert failures and all("guidance KV budget exhausted" in ln for ln in failures), log[-2000:]
+        rows_path = tmp_path / "q" / "samples.jsonl"
+        written = rows_path.read_text().count("\n") if rows_path.exists() else 0
+        assert written + len(failures) == 3
+        assert "re-run the same command to retry" in log
+        # the engine still serves, and guides what fits
+        key = "fits-" + uuid.uuid4().hex
+        args = GuideParams("qsharp", tiny_value, 0.5, 4, key).to_extra_args()
+        out = engine.generate([GenRequest(PROMPT[:20], 8, seed=1, extra_args=args)],
+                              SamplingConfig(max_tokens=8, temperature=1.0, top_p=1.0))[0][0]
+        rep = read_report(key, len(out.token_ids))
+        assert rep is not None and rep.error is None and rep.value_tokens > 0
+    finally:
+        engine.close()

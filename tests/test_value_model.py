@@ -269,6 +269,42 @@ def test_hf_kv_store_respects_budget(plain3):
     assert len(scorer.store) == 1
 
 
+def test_hf_scores_sequences_longer_than_a_tiny_store(plain3):
+    """A store of 100 tokens with 32-token chunks: a 300-token sequence (longer than store +
+    chunk) and several sequences that evict each other between chunks are still scored, with
+    the values a full forward gives, and the call returns (it used to loop forever)."""
+    import signal
+
+    from vgs.value import HFValueScorer
+
+    ref, path = plain3
+    per_token = 2 * 2 * 1 * 64 * 4  # layers x (k, v) x kv heads x head dim x fp32 bytes
+    scorer = HFValueScorer(path, device="cpu", kv_cache_gib=100 * per_token / 2**30, chunk_tokens=32)
+    assert scorer.store.max_tokens == 100
+    rng = random.Random(4)
+    long = rand_ids(rng, 300)
+    crowd = [rand_ids(rng, 90) for _ in range(5)]
+
+    def hang(*_):
+        raise TimeoutError("score() did not return")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(120)
+    try:
+        got = scorer.score([long] + crowd)
+        first = scorer.tokens_computed
+        again = scorer.score([long + rand_ids(rng, 5)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert_close(got, ref.values([long] + crowd), 1e-4)
+    assert scorer.store.tokens <= 100
+    assert len(again) == 1 and 0.0 <= again[0] <= 1.0
+    # every token is computed at least once; a target finished alone restarts at most once
+    assert 300 + 5 * 90 <= first <= 2 * (300 + 5 * 90)
+    assert sum(scorer.last_tokens_computed) == scorer.tokens_computed - first >= 5
+
+
 def test_hf_rejects_bad_sequences(plain3):
     from vgs.value import HFValueScorer
 

@@ -2,12 +2,16 @@
 
 Registered through the `vllm.general_plugins` entry point in pyproject.toml; registering in
 the main script alone does not reach workers started with spawn. Lazy "module:Class" strings
-keep this import cheap.
+keep this import cheap. It also arms the parent-death signal in vLLM's engine processes
+(`vgs.lifecycle`), so a killed `vgs eval` or `vgs serve` leaves no engine behind.
 """
 
 
 def register() -> None:
     from vllm import ModelRegistry
 
+    from vgs.lifecycle import die_with_parent
+
+    die_with_parent()
     if "Qwen2ForClassifier" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("Qwen2ForClassifier", "value_models.vllm_model:Qwen2ForClassifierPooling")

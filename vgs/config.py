@@ -55,7 +55,7 @@ class SearchConfig:
 
     method: str = "majority"
     n: int = 16
-    budget: int = 8
+    budget: int = 16  # comparable with n: VGS's default total budget (budget × trees) is n generations
     beam_width: int = 2
     block_size: int = 4096
     trees: int = 1
@@ -143,9 +143,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.45
     kv_cache_gib: float | None = None
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    guidance_kv_gib: float | None = None  # Q♯/CD value-model KV budget in the worker (vgs.guidance.budget)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "EngineConfig":
@@ -154,6 +156,9 @@ class EngineConfig:
                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.kv_cache_gib is None or self.kv_cache_gib > 0, f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         _check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        _check(self.guidance_kv_gib is None or self.guidance_kv_gib > 0,
+               f"guidance_kv_gib must be > 0, got {self.guidance_kv_gib}")
+        _check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         _check(self.max_model_len is None or self.max_model_len >= 16, f"max_model_len too small: {self.max_model_len}")
         return self
 

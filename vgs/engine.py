@@ -107,6 +107,15 @@ def check_model_path(model: str) -> None:
         raise VGSError(f"model path {model!r} does not exist")
 
 
+def check_sync_data_parallel(cfg: EngineConfig) -> None:
+    """`vllm.LLM` (the synchronous engine, still used by the pooling value scorer) refuses
+    data_parallel_size > 1 in one process; say so in one line before loading anything. The
+    policy runs on vLLM's async engine, which runs data-parallel replicas within the node."""
+    if cfg.data_parallel_size > 1:
+        raise VGSError(f"data_parallel_size={cfg.data_parallel_size} is not supported for the vLLM value engine "
+                       "(synchronous vllm.LLM); data parallelism applies to the policy engine")
+
+
 def model_max_len(model: str) -> int:
     """The context length a model's config declares (what vLLM uses when none is given)."""
     try:
@@ -128,6 +137,7 @@ def vllm_engine_kwargs(cfg: EngineConfig, generate: bool = True) -> dict[str, An
         dtype="float32" if cpu and cfg.dtype == "auto" else cfg.dtype,
         seed=cfg.seed,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        data_parallel_size=cfg.data_parallel_size,
         enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=cpu if cfg.enforce_eager is None else cfg.enforce_eager,
     )
@@ -171,6 +181,7 @@ class PolicyEngine:
             logits_processors = [GUIDANCE_PROCESSOR]
         if logits_processors:
             kw["logits_processors"] = logits_processors
+            guidance_budget(cfg, kw)
         self.llm = run_sync(_start_async_llm(kw))  # built on the loop that will drive it
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.num_params = count_params(cfg.model)
@@ -331,6 +342,26 @@ def _samples(out: Any, prompt_len: int) -> list[GenSample]:
     if samples:
         samples[0].prefill_tokens = max(0, prompt_len - cached)
     return samples
+
+
+def guidance_budget(cfg: EngineConfig, kw: dict[str, Any]) -> None:
+    """Pass the guidance processor's value-model KV budget to the worker (vLLM's
+    `additional_config`) and, on a GPU split by `gpu_memory_utilization`, take it out of the
+    policy's share, so vLLM's KV cache leaves room for it (`vgs.guidance.budget`; the value
+    weights the worker loads on the first guided request come out of the rest of the GPU)."""
+    from vgs.guidance.budget import CONFIG_KEY, split_gpu_memory
+
+    extra = dict(kw.get("additional_config") or {})
+    if cfg.guidance_kv_gib is not None:
+        extra[CONFIG_KEY] = float(cfg.guidance_kv_gib)
+    if extra:
+        kw["additional_config"] = extra
+    if CONFIG_KEY in extra and "gpu_memory_utilization" in kw and not on_cpu():
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory / (1 << 30)
+        kw["gpu_memory_utilization"] = split_gpu_memory(kw["gpu_memory_utilization"], float(extra[CONFIG_KEY]),
+                                                        0.0, total)
 
 
 def shutdown_llm(llm: Any) -> None:

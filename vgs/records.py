@@ -75,3 +75,4 @@ class SearchResult:
     answer: str | None = None  # the method's chosen answer
     chosen: int | None = None  # index of the selected candidate (the chosen answer's best member)
     votes: Any = None  # the vgs.grading.VoteResult the answer came from
+    error: str | None = None  # the search could not finish this problem (e.g. guidance memory); not a result

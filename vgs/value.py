@@ -183,9 +183,10 @@ class VllmValueScorer:
 
     def __init__(self, cfg: EngineConfig):
         cfg.validate()
-        from vgs.engine import check_model_path, on_cpu, vllm_engine_kwargs
+        from vgs.engine import check_model_path, check_sync_data_parallel, on_cpu, vllm_engine_kwargs
 
         check_model_path(cfg.model)
+        check_sync_data_parallel(cfg)
         hf_cfg = _read_config(cfg.model)
         check_value_config(hf_cfg, cfg.model)
         from vllm import LLM
@@ -380,10 +381,13 @@ class HFValueScorer:
         self._memo = _ValueMemo()
 
     # -- planning
-    def _plan(self, pending: dict[bytes, tuple[list[int], list[int]]]) -> list[_Step]:
+    def _plan(self, pending: dict[bytes, tuple[list[int], list[int]]],
+              reuse_out: dict[bytes, int] | None = None) -> list[_Step]:
         """Next step for every pending target: reuse the best cached prefix, stop at a chunk
-        boundary, and stop early at a prefix shared with another target (run once for both)."""
-        items = sorted(pending.values(), key=lambda it: it[0])
+        boundary, and stop early at a prefix shared with another target (run once for both).
+        `reuse_out[key]` receives each target's reused prefix length (the progress check)."""
+        keyed = sorted(pending.items(), key=lambda kv: kv[1][0])
+        items = [it for _, it in keyed]
         arrs = [np.asarray(ids, dtype=np.int64) for ids, _ in items]
         shared = [0] * len(items)
         for i in range(len(items) - 1):
@@ -391,9 +395,11 @@ class HFValueScorer:
             shared[i] = max(shared[i], n)
             shared[i + 1] = max(shared[i + 1], n)
         steps: dict[bytes, _Step] = {}
-        for (ids, owners), arr, s in zip(items, arrs, shared):
+        for (tkey, (ids, owners)), arr, s in zip(keyed, arrs, shared):
             src, reuse = self.store.best(arr)
             reuse = min(reuse, len(ids) - 1)  # the last token is always run: its hidden state is the value
+            if reuse_out is not None:
+                reuse_out[tkey] = reuse
             end = min(len(ids), reuse + self.chunk_tokens)
             if reuse + self.min_shared_tokens <= s < end:
                 end = s
@@ -452,6 +458,8 @@ class HFValueScorer:
             values = success_probs(model.score(h_last).float()).tolist()
             kv_out = out.past_key_values
             for i, s in enumerate(batch):
+                if len(s.ids) > self.store.max_tokens:
+                    continue  # the store would drop it: do not copy it out
                 lo, hi = P - past[i], P + new[i]
                 kv = [(kv_out.layers[layer].keys[i, :, lo:hi].clone(), kv_out.layers[layer].values[i, :, lo:hi].clone())
                       for layer in range(n_layers)]
@@ -475,6 +483,37 @@ class HFValueScorer:
             batches.append(cur)
         return batches
 
+    def _run_alone(self, ids: list[int]) -> tuple[float, int]:
+        """Score one sequence chunk by chunk with a private KV cache that is never stored:
+        the path for a target the store cannot carry to its end (longer than the store plus
+        a chunk, or evicted between its chunks by other targets). Memory: one sequence's KV.
+        Returns (value, tokens computed)."""
+        import torch
+        from transformers import DynamicCache
+
+        from value_models.modeling import success_probs
+
+        model, dev = self.model, self.device
+        src, reuse = self.store.best(np.asarray(ids, dtype=np.int64))
+        reuse = min(reuse, len(ids) - 1)
+        cache = DynamicCache()
+        if src is not None and reuse > 0:
+            cache = DynamicCache(ddp_cache_data=[(k[None, :, :reuse].clone(), v[None, :, :reuse].clone())
+                                                 for k, v in src.kv])
+        else:
+            reuse = 0
+        pos = reuse
+        with torch.inference_mode():
+            while pos < len(ids):
+                end = min(len(ids), pos + self.chunk_tokens)
+                chunk = torch.tensor([ids[pos:end]], dtype=torch.long, device=dev)
+                out = model.model(input_ids=chunk, position_ids=torch.arange(pos, end, device=dev)[None],
+                                  past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                pos = end
+            value = success_probs(model.score(out.last_hidden_state[:, -1]).float()).tolist()[0]
+        return float(value), len(ids) - reuse
+
     def score(self, sequences: list[list[int]]) -> list[float]:
         values, per_seq = self.score_with_cost(sequences)
         self.last_tokens_computed = per_seq
@@ -487,8 +526,26 @@ class HFValueScorer:
         values, todo = self._memo.lookup(seqs)
         per_seq = [0] * len(seqs)
         pending = {k: (seqs[idx[0]], idx) for k, idx in todo.items()}
+        last_reuse: dict[bytes, int] = {}
         while pending:
-            for batch in self._batches(self._plan(pending)):
+            # Progress check: every round must extend each target's cached prefix. A target
+            # that did not advance (its chunk was too long to store, or other targets evicted
+            # it) is finished on its own without the store, so this loop always ends.
+            reuse_now: dict[bytes, int] = {}
+            steps = self._plan(pending, reuse_now)
+            stalled = [k for k in pending if k in last_reuse and reuse_now[k] <= last_reuse[k]]
+            if stalled:
+                for key in stalled:
+                    ids, idx = pending.pop(key)
+                    v, n_new = self._run_alone(ids)
+                    self.tokens_computed += n_new
+                    per_seq[idx[0]] += n_new
+                    self._memo.put(key, v)
+                    for i in idx:
+                        values[i] = v
+                continue
+            last_reuse = reuse_now
+            for batch in self._batches(steps):
                 vals = self._run(batch)
                 for s, v in zip(batch, vals):
                     key = _digest(s.ids)

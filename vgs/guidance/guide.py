@@ -25,7 +25,7 @@ import torch
 from vgs.guidance import offsets as core
 from vgs.guidance.params import GuideParams, validate_sampling_params
 from vgs.guidance.report import ReportWriter
-from vgs.guidance.worker_model import CachedValueModel, get_model
+from vgs.guidance.worker_model import CachedValueModel, Feed, GuidanceMemoryError, get_model
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class GuidedRequest:
     report: ReportWriter | None = None
     last_token: int | None = None  # last token fed, to re-score after a step with no new token
     stopped: bool = False
+    stop_token: int | None = None  # a stop token of the request (to end it when guidance fails)
+    min_tokens: int = 0
+    failed: str | None = None  # why guidance gave up on this request (it is then ended, or left unguided)
 
     @property
     def fed(self) -> int:
@@ -64,8 +67,9 @@ def _writes_reports() -> bool:
 
 
 class Guide:
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, budget_gib: float | None = None):
         self.device = torch.device(device)
+        self.budget_gib = budget_gib  # value-model KV budget (None: vgs.guidance.budget default)
         self._reports = _writes_reports()
         # Optional profiling: `VGS_GUIDANCE_TIMING=/path` appends "rows seconds" per guided step
         # (what benchmarks/qsharp_overhead.py reads to split the step time).
@@ -77,10 +81,26 @@ class Guide:
         params = validate_sampling_params(sampling_params)
         if params is None:
             return None
-        model = get_model(params.value_model, self.device)
+        model = get_model(params.value_model, self.device, self.budget_gib)
         temp = float(getattr(sampling_params, "temperature", 1.0) or 0.0)
         report = ReportWriter(params.report_key) if params.report_key and self._reports else None
-        return GuidedRequest(params, model, model.alloc_row(), temp if temp >= 1e-5 else 1.0, report)
+        stops = sorted(getattr(sampling_params, "all_stop_token_ids", None) or
+                       getattr(sampling_params, "stop_token_ids", None) or [])
+        return GuidedRequest(params, model, model.alloc_row(), temp if temp >= 1e-5 else 1.0, report,
+                             stop_token=int(stops[0]) if stops else None,
+                             min_tokens=int(getattr(sampling_params, "min_tokens", 0) or 0))
+
+    def fail(self, req: GuidedRequest, message: str) -> None:
+        """Give up guiding `req` (its cache cannot fit): free its cache, tell the caller
+        through its report (`vgs.guidance.report`) and the worker log. From the next logits
+        on, the request is ended with its stop token where it has one (else left unguided),
+        so it costs no more compute; every other request goes on unaffected."""
+        req.failed = message
+        req.model.reset_row(req.row)
+        log.error("guided request ended: %s", message)
+        if req.report is not None:
+            req.report.write_error(message)
+            req.report.flush()
 
     def stop(self, req: GuidedRequest) -> None:
         """The request left the batch (finished, aborted, preempted) or its slot was reused."""
@@ -93,12 +113,24 @@ class Guide:
 
     # ---- one engine step ----------------------------------------------------------------
     def apply(self, logits: torch.Tensor, rows: list[int], reqs: list[GuidedRequest],
-              new_tokens: list[list[int]], positions: list[int]) -> torch.Tensor:
-        """Add the guidance offsets to `logits[rows]` in place (other rows untouched)."""
+              new_tokens: "list[list[int]] | Feed", positions: list[int]) -> torch.Tensor:
+        """Add the guidance offsets to `logits[rows]` in place (other rows untouched).
+        `new_tokens`: per row, the tokens its cache has not seen (host lists; an empty list
+        means "no new token since the last step": the last one is rolled back and re-scored),
+        or a `Feed` whose rows each have ≥ 1 token (the adapter did the roll-back)."""
         if not rows:
             return logits
         t0 = time.perf_counter() if self._timing else 0.0
-        self._apply(logits, rows, reqs, new_tokens, positions)
+        failed = [i for i, r in enumerate(reqs) if r.failed is not None]
+        if failed:
+            self._end_failed(logits, [rows[i] for i in failed], [reqs[i] for i in failed],
+                             [positions[i] for i in failed])
+            keep = [i for i in range(len(reqs)) if reqs[i].failed is None]
+            rows, reqs, positions = [rows[i] for i in keep], [reqs[i] for i in keep], [positions[i] for i in keep]
+            new_tokens = (new_tokens.select(keep) if isinstance(new_tokens, Feed)
+                          else [new_tokens[i] for i in keep])
+        if rows:
+            self._apply(logits, rows, reqs, new_tokens, positions)
         if self._timing:
             if logits.device.type == "cuda":
                 torch.cuda.synchronize(logits.device)
@@ -106,19 +138,32 @@ class Guide:
                 f.write(f"{len(rows)} {time.perf_counter() - t0:.6f}\n")
         return logits
 
+    def _end_failed(self, logits: torch.Tensor, rows: list[int], reqs: list[GuidedRequest],
+                    positions: list[int]) -> None:
+        """Rows of requests guidance gave up on: only their stop token stays possible."""
+        for row, req, pos in zip(rows, reqs, positions):
+            if req.stop_token is None or pos < req.min_tokens or req.stop_token >= logits.shape[1]:
+                continue  # cannot end it here: it goes on unguided
+            logits[row] = float("-inf")
+            logits[row, req.stop_token] = 0.0
+
     def _apply(self, logits: torch.Tensor, rows: list[int], reqs: list[GuidedRequest],
-               new_tokens: list[list[int]], positions: list[int]) -> None:
-        feed = []
-        for req, new in zip(reqs, new_tokens):
-            if not new:
-                # Nothing new since the last step (its sample was discarded, e.g. a chunked
-                # prefill): roll the last token back out of the cache and score again.
-                if req.last_token is None or req.fed == 0:
-                    raise RuntimeError("guided request with no tokens to condition on")
-                req.model.lens[req.row] -= 1
-                new = [req.last_token]
-            req.last_token = int(new[-1])
-            feed.append(new)
+               new_tokens: "list[list[int]] | Feed", positions: list[int]) -> None:
+        if isinstance(new_tokens, Feed):
+            feed = new_tokens
+        else:
+            lists = []
+            for req, new in zip(reqs, new_tokens):
+                if not new:
+                    # Nothing new since the last step (its sample was discarded, e.g. a chunked
+                    # prefill): roll the last token back out of the cache and score again.
+                    if req.last_token is None or req.fed == 0:
+                        raise RuntimeError("guided request with no tokens to condition on")
+                    req.model.truncate_row(req.row, req.fed - 1)
+                    new = [req.last_token]
+                req.last_token = int(new[-1])
+                lists.append(new)
+            feed = Feed.from_lists(lists)
 
         dev = logits.device
         all_rows = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
@@ -133,26 +178,40 @@ class Guide:
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(id(r.model), []).append(i)
-        value_tokens = [len(f) + kmax for f in feed]  # padded candidates are computed too
+        value_tokens = [n + kmax for n in feed.lengths]  # padded candidates are computed too
         for idx in groups.values():
             model = reqs[idx[0]].model
-            sel = torch.tensor(idx, device=dev)
-            c = cand.index_select(0, sel) if len(idx) != len(reqs) else cand
-            scores = model.score([reqs[i].row for i in idx], [feed[i] for i in idx], c)
-            o = core.compute_offsets(scores, [reqs[i].params.eta for i in idx],
-                                     [reqs[i].params.method for i in idx]).to(dev)
-            if model.vocab_size < logits.shape[1]:
-                valid[sel] &= c < model.vocab_size  # tokens the value model cannot embed: no offset
-            offs[sel] = o.float()
+            while idx:
+                sel = torch.tensor(idx, device=dev)
+                c = cand.index_select(0, sel) if len(idx) != len(reqs) else cand
+                try:
+                    scores = model.score([reqs[i].row for i in idx], feed.select(idx), c)
+                except GuidanceMemoryError as exc:
+                    # Those rows cannot be cached within the budget: end them; score the rest.
+                    out = set(exc.rows)
+                    for i in idx:
+                        if reqs[i].row in out:
+                            self.fail(reqs[i], str(exc))
+                            valid[i] = False
+                            value_tokens[i] = 0
+                    idx = [i for i in idx if reqs[i].row not in out]
+                    continue
+                o = core.compute_offsets(scores, [reqs[i].params.eta for i in idx],
+                                         [reqs[i].params.method for i in idx]).to(dev)
+                if model.vocab_size < logits.shape[1]:
+                    valid[sel] &= c < model.vocab_size  # tokens the value model cannot embed: no offset
+                offs[sel] = o.float()
+                break
         offs = offs.masked_fill(~valid, 0.0)
 
-        rep = [i for i, r in enumerate(reqs) if r.report is not None]
+        rep = [i for i, r in enumerate(reqs) if r.report is not None and r.failed is None]
         if rep:
             sel = torch.tensor(rep, device=dev)
             temps = torch.tensor([reqs[i].temperature for i in rep], dtype=torch.float32, device=dev)
             sub, c, o, v = ref.index_select(0, sel), cand.index_select(0, sel), offs.index_select(0, sel), valid.index_select(0, sel)
-            kl = core.guided_kl(sub, c, o, temps, v).tolist()
-            kl1 = core.guided_kl(sub, c, o, 1.0, v).tolist()
+            # One device→host read for both KLs (reports must be written before this step's
+            # token can reach the caller, so this read cannot be deferred).
+            kl, kl1 = torch.stack([core.guided_kl(sub, c, o, temps, v), core.guided_kl(sub, c, o, 1.0, v)]).tolist()
             for j, i in enumerate(rep):
                 reqs[i].report.write(positions[i], kl[j], kl1[j], value_tokens[i])
                 reqs[i].report.flush()
@@ -161,3 +220,7 @@ class Guide:
             core.add_offsets(logits, cand, offs)
         else:
             logits.index_put_((rows_t[:, None].expand_as(cand), cand), offs.to(logits.dtype), accumulate=True)
+        now_failed = [i for i, r in enumerate(reqs) if r.failed is not None]
+        if now_failed:  # end them from this very step
+            self._end_failed(logits, [rows[i] for i in now_failed], [reqs[i] for i in now_failed],
+                             [positions[i] for i in now_failed])

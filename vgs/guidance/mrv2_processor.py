@@ -41,8 +41,10 @@ class QSharpMRV2Processor(LogitsProcessor):
         spec = getattr(vllm_config, "speculative_config", None) if vllm_config is not None else None
         if spec is not None:
             raise ValueError("Q♯/CD guidance does not support speculative decoding (rows would not be requests)")
+        from vgs.guidance.budget import budget_from_config
+
         self.state = req_states
-        self.guide = Guide(req_states.device)
+        self.guide = Guide(req_states.device, budget_from_config(vllm_config, req_states.device))
         self.slots: dict[int, Any] = {}  # slot → GuidedRequest
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
@@ -70,26 +72,49 @@ class QSharpMRV2Processor(LogitsProcessor):
             seq_len = int(ctx.seq_lens_upper_bound_np[i])
             if seq_len < int(prefill_len[slot]):
                 continue  # still prefilling in chunks: this row's sample is discarded
-            if req.fed > seq_len:
-                req.reset()
             rows.append(i)
             reqs.append(req)
-            spans.append((slot, req.fed, seq_len))
+            spans.append((slot, self._start(req, seq_len), seq_len))
         if not rows:
             return logits
-        news = self._read_tokens(spans)
         positions = [seq_len - int(prompt_len[slot]) for slot, _, seq_len in spans]
-        return self.guide.apply(logits, rows, reqs, news, positions)
+        return self.guide.apply(logits, rows, reqs, self._feed(spans), positions)
 
-    def _read_tokens(self, spans: list[tuple[int, int, int]]) -> list[list[int]]:
-        """all_token_ids[slot, fed:seq_len] per row, with one device read for the common case
-        of exactly one new token per row (steady decoding)."""
+    @staticmethod
+    def _start(req: Any, seq_len: int) -> int:
+        """First position of `all_token_ids` this step feeds to the request's value cache,
+        worked out on the host from lengths alone: tokens discarded (the sequence is now
+        shorter than the cache) reset it; no new token since the last step (a discarded
+        sample) rolls the last one back so it is scored again."""
+        if req.failed is not None:
+            return max(seq_len - 1, 0)  # not scored any more (Guide ends it); keep the span trivial
+        if req.fed > seq_len:
+            req.reset()
+        if req.fed == seq_len and seq_len > 0:
+            req.model.truncate_row(req.row, seq_len - 1)
+        return req.fed
+
+    def _feed(self, spans: list[tuple[int, int, int]]) -> Any:
+        """The new tokens all_token_ids[slot, start:end] of each row as a `Feed` gathered on
+        the device: the value model reads them from there, so no token is copied back to the
+        host (no GPU→CPU sync; the old path did `.tolist()` every step)."""
         import torch
 
+        from vgs.guidance.worker_model import Feed
+
         table = self.state.all_token_ids.gpu
-        if all(end - start == 1 for _, start, end in spans):
-            dev = table.device
-            slots = torch.tensor([s for s, _, _ in spans], device=dev)
-            pos = torch.tensor([end - 1 for _, _, end in spans], device=dev)
-            return [[t] for t in table[slots, pos].tolist()]
-        return [table[slot, start:end].tolist() for slot, start, end in spans]
+        dev = table.device
+        slots = torch.tensor([s for s, _, _ in spans], dtype=torch.long, device=dev)
+        starts = torch.tensor([a for _, a, _ in spans], dtype=torch.long, device=dev)
+        ends = torch.tensor([b for _, _, b in spans], dtype=torch.long, device=dev)
+        last = table[slots, ends - 1]
+
+        def prefix(rows: list[int], width: int) -> torch.Tensor:
+            """[len(rows), width]: all but the last new token of each row, zero-padded."""
+            r = torch.tensor(rows, dtype=torch.long, device=dev)
+            pos = starts[r, None] + torch.arange(width, device=dev)[None, :]
+            inside = pos < (ends[r, None] - 1)
+            ids = table[slots[r, None], torch.where(inside, pos, torch.zeros_like(pos))]
+            return torch.where(inside, ids, torch.zeros_like(ids))
+
+        return Feed([b - a for _, a, b in spans], last, prefix)

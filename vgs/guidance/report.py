@@ -17,6 +17,8 @@ Each line: `pos kl kl_t1 value_tokens`
 - `value_tokens`: tokens the value model computed in this step for this request.
 A step recomputed after preemption or a discarded chunked-prefill sample writes the same `pos`
 again; the reader keeps the last line per position and sums over the returned tokens.
+A line `error <message>` says the worker gave up guiding the sequence (its value-model cache
+did not fit the guidance budget); the caller fails that sequence with the message.
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ class ReportWriter:
             self._f = open(report_path(self.key), "a", buffering=1 << 16)
         self._f.write(f"{pos} {kl:.9g} {kl_t1:.9g} {value_tokens}\n")
 
+    def write_error(self, message: str) -> None:
+        """The request's guidance failed (e.g. the value-model KV budget is spent)."""
+        if self._f is None:
+            os.makedirs(report_dir(), mode=0o700, exist_ok=True)
+            self._f = open(report_path(self.key), "a", buffering=1 << 16)
+        self._f.write("error " + " ".join(message.split()) + "\n")
+
     def flush(self) -> None:
         if self._f is not None:
             self._f.flush()
@@ -76,6 +85,7 @@ class GuidanceReport:
     value_tokens: int = 0  # tokens the value model computed for this sequence
     steps: int = 0  # positions with a record
     per_token_kl: list[float] = field(default_factory=list)  # kl per output position
+    error: str | None = None  # set when the worker gave up guiding this sequence
 
     def info(self) -> dict[str, float | int]:
         return {"kl": self.kl, "kl_t1": self.kl_t1, "value_tokens": self.value_tokens}
@@ -91,7 +101,11 @@ def read_report(key: str, num_tokens: int, delete: bool = True) -> GuidanceRepor
         return None
     last: dict[int, tuple[float, float]] = {}
     value_tokens = 0
+    error = None
     for line in lines:
+        if line.startswith("error "):
+            error = line[len("error "):]
+            continue
         parts = line.split()
         if len(parts) != 4:
             continue  # a torn line (cannot happen after generate returned; be lenient)
@@ -101,7 +115,7 @@ def read_report(key: str, num_tokens: int, delete: bool = True) -> GuidanceRepor
     per = [last.get(i, (0.0, 0.0)) for i in range(num_tokens)]
     rep = GuidanceReport(kl=float(sum(k for k, _ in per)), kl_t1=float(sum(k for _, k in per)),
                          value_tokens=value_tokens, steps=sum(1 for i in range(num_tokens) if i in last),
-                         per_token_kl=[k for k, _ in per])
+                         per_token_kl=[k for k, _ in per], error=error)
     if delete:
         try:
             os.remove(path)

@@ -60,7 +60,9 @@ class QSharpV1Processor(LogitsProcessor):
         validate_sampling_params(sampling_params)
 
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
-        self.guide = Guide(device)
+        from vgs.guidance.budget import budget_from_config
+
+        self.guide = Guide(device, budget_from_config(vllm_config, device))
         self.entries: dict[int, _Entry] = {}
 
     def is_argmax_invariant(self) -> bool:
@@ -104,6 +106,13 @@ class QSharpV1Processor(LogitsProcessor):
         for i in rows:
             e = self.entries[i]
             reqs.append(e.req)
+            if e.req.failed is not None:  # guidance gave up on it: Guide ends it, nothing to feed
+                n_out = len(e.output)
+                while n_out and e.output[n_out - 1] == -1:
+                    n_out -= 1
+                news.append([])
+                positions.append(n_out)
+                continue
             new, n_out = new_tokens_for(e.req, e.prompt, e.output)
             news.append(new)
             positions.append(n_out)

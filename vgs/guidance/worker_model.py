@@ -5,11 +5,11 @@ in one batched forward.
 Why a hand-written attention over the HF model's modules: transformers' cache objects hold one
 batch whose rows advance together, while here every request has its own length, requests come
 and go every step, and the k candidates must attend to their request's prefix plus themselves
-only (all at the same position id) without being written into the cache. A padded tensor cache
-with one row per request ([rows, kv_heads, capacity, head_dim] per layer) and an explicit mask
-does all of that with one forward per step for the whole batch. Everything except attention
-(embedding, RMSNorm, projections, RoPE, MLP, head) calls the HF model's own modules, so the
-numerics are the checkpoint's; `tests/test_guidance.py` checks the scores against full HF
+only (all at the same position id) without being written into the cache. A paged cache (a
+page table per request over one pool per layer) and an explicit mask do all of that with one
+forward per step for the whole batch. Everything except attention (embedding, RMSNorm,
+projections, RoPE, MLP, head) calls the HF model's own modules, so the numerics are the
+checkpoint's; `tests/test_guidance.py` checks the scores against full HF
 forwards.
 
 One step (`score`) for rows r with new prefix tokens t_r (1 in steady decoding, the whole
@@ -22,9 +22,18 @@ prompt for a new request) and candidates c_r:
     position.
 So a decode step costs one forward of B × (1 + k) query tokens regardless of batch size.
 
-Memory: capacity grows by doubling to the longest sequence in the cache, for every row; on a
-GPU with many long requests a paged cache would use less memory (not needed for the tiny CPU
-models this project tests with; documented in docs/guidance.md).
+Memory: the cache is paged. One pool of `page_size`-token pages per layer, shared by all
+rows, grows by doubling up to a fixed budget (`budget_gib`, the engine's guidance share:
+see `vgs.guidance.budget`), and each row holds a page table. A row takes pages as its
+request grows and gives them all back when the request ends, is preempted or its slot is
+reused, so memory follows the tokens actually cached instead of rows × the longest
+sequence. A row that needs a page when the budget is spent raises `GuidanceMemoryError`
+for that row only (`Guide` then ends that request with a clear error; the others go on).
+Page 0 is never handed out: padded positions write to it and masked positions read it.
+
+Host/device traffic: lengths, spans and page tables are kept on the host and uploaded once
+per forward; no value is read back from the device inside a forward (the old per-layer
+`lens.max().item()` is gone), so a guided step adds no device→host synchronisation of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,20 +51,33 @@ from vgs.guidance.params import resolve_value_model_path
 
 log = logging.getLogger(__name__)
 
-_MIN_CAPACITY = 256
+DEFAULT_PAGE_SIZE = 64
+_MIN_PAGES = 16
+
+
+class GuidanceMemoryError(RuntimeError):
+    """A row needs more value-model cache than the guidance budget has left."""
+
+    def __init__(self, rows: list[int], message: str):
+        super().__init__(message)
+        self.rows = rows
 
 
 @dataclass
 class _Batch:
-    rows: torch.Tensor  # [B] cache rows
-    lens: torch.Tensor  # [B] tokens already in each row's cache before this forward
+    lens: torch.Tensor  # [B] tokens already in each row's cache before this forward (device)
+    slots: torch.Tensor  # [B, span] pool slot of each cached position 0..span-1 (0 = padding page)
+    write: torch.Tensor | None  # [B * n_real] pool slot each real token is written to (0 = padding)
+    mask: torch.Tensor  # [B, 1, n_real + n_cand, span + n_cand]
+    span: int
 
 
 class CachedValueModel:
     """A `Qwen2ForClassifier` checkpoint with a per-request (per-row) KV cache."""
 
     def __init__(self, path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 histogram_atoms: torch.Tensor | None = None):
+                 histogram_atoms: torch.Tensor | None = None, budget_gib: float | None = None,
+                 page_size: int = DEFAULT_PAGE_SIZE):
         from value_models.modeling import load_value_model
 
         device = torch.device(device)
@@ -86,12 +109,25 @@ class CachedValueModel:
         if self.histogram:
             self.atoms = (histogram_atoms if histogram_atoms is not None
                           else torch.linspace(0.0, 1.0, self.num_labels)).to(device=device, dtype=torch.float32)
-        self._k: list[torch.Tensor] = []
+        self.page_size = int(page_size)
+        self.page_bytes = 2 * len(self.layers) * self.num_kv_heads * self.page_size * self.head_dim * dtype.itemsize
+        if budget_gib is None:
+            from vgs.guidance.budget import default_budget_gib
+
+            budget_gib = default_budget_gib(device)
+        self.budget_gib = float(budget_gib)
+        self.max_pages = int(self.budget_gib * (1 << 30)) // self.page_bytes  # page 0 (padding) included
+        if self.max_pages < 2:
+            raise ValueError(f"guidance KV budget of {self.budget_gib:g} GiB holds less than one "
+                             f"{self.page_size}-token page ({self.page_bytes} bytes) of value model {path!r}")
+        self._k: list[torch.Tensor] = []  # per layer: [num_pages * page_size, kv_heads, head_dim]
         self._v: list[torch.Tensor] = []
-        self.capacity = 0
+        self.num_pages = 0  # pages allocated in the pool (<= max_pages)
+        self._free_pages: list[int] = []
         self.num_rows = 0
         self._free: list[int] = []
         self.lens: list[int] = []  # tokens in each row's cache
+        self.pages: list[list[int]] = []  # each row's page table (host)
         self.tokens_computed = 0  # every token run through the backbone, for FLOP accounting
 
     def _fuse_projections(self) -> None:
@@ -120,73 +156,135 @@ class CachedValueModel:
                 mlp.up_proj.weight = torch.nn.Parameter(gu[n:], requires_grad=False)
                 self._gate_up.append((gu, n))
 
-    # ---- cache rows -------------------------------------------------------------------
+    # ---- cache rows and pages --------------------------------------------------------
     def alloc_row(self) -> int:
-        """A cache row for a new request (its cache starts empty)."""
+        """A cache row for a new request (its cache starts empty; pages come as it grows)."""
         if not self._free:
-            self._grow(rows=max(8, 2 * self.num_rows), capacity=max(self.capacity, _MIN_CAPACITY))
+            grow = max(8, self.num_rows)
+            self._free.extend(range(self.num_rows + grow - 1, self.num_rows - 1, -1))
+            self.lens.extend([0] * grow)
+            self.pages.extend([] for _ in range(grow))
+            self.num_rows += grow
         row = self._free.pop()
         self.lens[row] = 0
         return row
 
     def free_row(self, row: int) -> None:
-        """Give a row back (request finished, preempted or its slot reused)."""
-        self.lens[row] = 0
+        """Give a row and its pages back (request finished, preempted or its slot reused)."""
+        self.reset_row(row)
         self._free.append(row)
 
     def reset_row(self, row: int) -> None:
-        """Forget a row's cache (its request will be re-fed from its token ids)."""
+        """Forget a row's cache (its request will be re-fed from its token ids); pages go back."""
         self.lens[row] = 0
+        self._free_pages.extend(self.pages[row])
+        self.pages[row] = []
 
-    def _grow(self, rows: int, capacity: int) -> None:
-        rows, capacity = max(rows, self.num_rows), max(capacity, self.capacity)
-        if rows == self.num_rows and capacity == self.capacity:
+    def truncate_row(self, row: int, length: int) -> None:
+        """Keep the first `length` cached tokens of a row (a rolled-back step)."""
+        self.lens[row] = min(self.lens[row], length)
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.num_pages - len(self._free_pages) - (1 if self.num_pages else 0)
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.pages_in_use * self.page_bytes
+
+    def _grow_pool(self, pages: int) -> None:
+        """Pool of `pages` pages (copying the old one), at most `max_pages`."""
+        pages = min(pages, self.max_pages)
+        if pages <= self.num_pages:
             return
-        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        shape = (pages * self.page_size, self.num_kv_heads, self.head_dim)
         new_k, new_v = [], []
         for i in range(len(self.layers)):
             # Zeros, not empty: masked positions still enter the score matmul, and NaN garbage there
             # would survive the mask.
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if self.num_rows:
-                k[: self.num_rows, :, : self.capacity] = self._k[i]
-                v[: self.num_rows, :, : self.capacity] = self._v[i]
+            if self.num_pages:
+                k[: self.num_pages * self.page_size] = self._k[i]
+                v[: self.num_pages * self.page_size] = self._v[i]
             new_k.append(k)
             new_v.append(v)
         self._k, self._v = new_k, new_v
-        self._free.extend(range(rows - 1, self.num_rows - 1, -1))
-        self.lens.extend([0] * (rows - self.num_rows))
-        self.num_rows, self.capacity = rows, capacity
+        first = max(self.num_pages, 1)  # page 0 is the padding page, never handed out
+        self._free_pages.extend(range(pages - 1, first - 1, -1))
+        self.num_pages = pages
 
-    def _ensure_capacity(self, needed: int) -> None:
-        if needed > self.capacity:
-            cap = max(self.capacity, _MIN_CAPACITY)
-            while cap < needed:
-                cap *= 2
-            self._grow(self.num_rows, cap)
+    def reserve(self, rows: list[int], lengths: list[int]) -> None:
+        """Make sure row `rows[i]` has pages for `lengths[i]` tokens. Rows that cannot get
+        them (budget spent) keep what they had and are named in one `GuidanceMemoryError`
+        after every other row was served."""
+        ps = self.page_size
+        need = {r: -(-n // ps) - len(self.pages[r]) for r, n in zip(rows, lengths)}
+        total = sum(max(0, n) for n in need.values())
+        if total > len(self._free_pages) and self.num_pages < self.max_pages:
+            short = total - len(self._free_pages)
+            self._grow_pool(max(2 * self.num_pages, self.num_pages + short, _MIN_PAGES))
+        failed = []
+        for r, n in need.items():
+            if n <= 0:
+                continue
+            if n > len(self._free_pages):
+                failed.append(r)
+                continue
+            self.pages[r].extend(self._free_pages.pop() for _ in range(n))
+        if failed:
+            longest = max(lengths[rows.index(r)] for r in failed)
+            raise GuidanceMemoryError(failed, (
+                f"guidance KV budget exhausted: {len(failed)} request(s) need value-model cache for up to "
+                f"{longest} tokens, and the {self.budget_gib:g} GiB budget ({self.max_pages - 1} pages of "
+                f"{ps} tokens) is in use by other requests; raise it (vgs: --guidance-kv-gib, vLLM: "
+                f"--additional-config '{{\"vgs_guidance_kv_gib\": N}}') or lower the batch size / max_tokens"))
+
+    def _slot_table(self, rows: list[int], span: int) -> torch.Tensor:
+        """[B, span] pool slots of positions 0..span-1 of each row (padding page past its pages)."""
+        ps = self.page_size
+        width = max(1, -(-span // ps))
+        table = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            pg = self.pages[r][:width]
+            if pg:
+                table[i, : len(pg)] = torch.tensor(pg, dtype=torch.long)
+        table = table.to(self.device, non_blocking=True)
+        pos = torch.arange(span, device=self.device)
+        return table[:, pos // ps] * ps + pos % ps
+
+    def _batch(self, rows: list[int], lens: list[int], n_real: list[int], width: int, n_cand: int) -> _Batch:
+        """Everything a forward needs about its rows, built once on the host and uploaded:
+        `n_real[i]` real tokens of row i (padded to `width`) follow its `lens[i]` cached ones."""
+        dev = self.device
+        span = max(lens) + width
+        slots = self._slot_table(rows, span)
+        lens_t = torch.tensor(lens, device=dev)
+        write = None
+        if width:
+            pos = lens_t[:, None] + torch.arange(width, device=dev)[None, :]
+            real = torch.arange(width, device=dev)[None, :] < torch.tensor(n_real, device=dev)[:, None]
+            write = torch.where(real, slots.gather(1, pos), torch.zeros_like(pos)).reshape(-1)
+        return _Batch(lens_t, slots, write, self._mask(lens_t, span, width, n_cand), span)
 
     # ---- forward ----------------------------------------------------------------------
     def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: _Batch,
                    n_real: int, n_cand: int) -> torch.Tensor:
-        """q/k/v: [B, H, n_real + n_cand, D] after RoPE. Writes the real tokens' k/v into the cache
-        at positions lens..lens+n_real-1, then attends: real token i sees cache[: lens + i + 1];
-        candidate j sees cache[: lens + n_real] and itself."""
+        """q/k/v: [B, H, n_real + n_cand, D] after RoPE. Writes the real tokens' k/v into their
+        pages, then attends: real token i sees cache[: lens + i + 1]; candidate j sees
+        cache[: lens + n_real] and itself."""
         bsz = q.shape[0]
         kc, vc = self._k[layer], self._v[layer]
         if n_real:
-            pos = (b.lens[:, None] + torch.arange(n_real, device=self.device)[None, :]).reshape(-1)
-            rows = b.rows[:, None].expand(bsz, n_real).reshape(-1)
-            kc[rows, :, pos] = k[:, :, :n_real].transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
-            vc[rows, :, pos] = v[:, :, :n_real].transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
-        span = int(b.lens.max().item()) + n_real
-        keys = kc[:, :, :span].index_select(0, b.rows)
-        vals = vc[:, :, :span].index_select(0, b.rows)
+            kc[b.write] = k[:, :, :n_real].transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
+            vc[b.write] = v[:, :, :n_real].transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
+        flat = b.slots.reshape(-1)
+        keys = kc.index_select(0, flat).view(bsz, b.span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vals = vc.index_select(0, flat).view(bsz, b.span, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if n_cand:
             keys = torch.cat([keys, k[:, :, n_real:]], dim=2)
             vals = torch.cat([vals, v[:, :, n_real:]], dim=2)
-        mask = self._mask(b.lens, span, n_real, n_cand)
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling,
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=b.mask, scale=self.scaling,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return out
 
@@ -228,34 +326,33 @@ class CachedValueModel:
         return self.backbone.norm(x)
 
     @torch.inference_mode()
-    def score(self, rows: list[int], new_tokens: list[list[int]], cand_ids: torch.Tensor) -> CandidateScores:
-        """Append `new_tokens[i]` (≥ 1 token each) to row `rows[i]`'s cache and score the
-        candidates `cand_ids[i]` ([B, k] token ids) after it. Returns the candidates' scores."""
-        if any(len(t) == 0 for t in new_tokens):
+    def score(self, rows: list[int], new_tokens: "list[list[int]] | Feed", cand_ids: torch.Tensor) -> CandidateScores:
+        """Append the new tokens of row `rows[i]` (≥ 1 each: `new_tokens[i]`, or a `Feed`
+        whose ids may already be on the device) to its cache and score the candidates
+        `cand_ids[i]` ([B, k] token ids) after it. Returns the candidates' scores. Raises
+        `GuidanceMemoryError` (nothing computed) when some rows cannot get cache pages."""
+        feed = new_tokens if isinstance(new_tokens, Feed) else Feed.from_lists(new_tokens)
+        if any(n == 0 for n in feed.lengths):
             raise ValueError("every scored row needs at least one new token")
         dev = self.device
         cand_ids = cand_ids.to(dev).clamp(0, self.vocab_size - 1)
         n_cand = int(cand_ids.shape[1])
-        # Padded rows of forward A write (finite) junk past their length, up to the widest row.
-        self._ensure_capacity(max(self.lens[r] for r in rows) + max(len(t) for t in new_tokens) + 1)
+        self.reserve(rows, [self.lens[r] + n for r, n in zip(rows, feed.lengths)])
         # Forward A: everything but the last new token, for rows that have more than one.
-        long = [i for i, t in enumerate(new_tokens) if len(t) > 1]
+        long = [i for i, n in enumerate(feed.lengths) if n > 1]
         if long:
-            width = max(len(new_tokens[i]) - 1 for i in long)
-            ids = torch.zeros((len(long), width), dtype=torch.long)
-            for j, i in enumerate(long):
-                t = new_tokens[i][:-1]
-                ids[j, : len(t)] = torch.tensor(t, dtype=torch.long)
-            b = _Batch(torch.tensor([rows[i] for i in long], device=dev),
-                       torch.tensor([self.lens[rows[i]] for i in long], device=dev))
-            self._forward(ids.to(dev), b, n_real=width, n_cand=0)
-            for i in long:
-                self.lens[rows[i]] += len(new_tokens[i]) - 1
-                self.tokens_computed += len(new_tokens[i]) - 1
+            n_a = [feed.lengths[i] - 1 for i in long]
+            width = max(n_a)
+            ids = feed.prefix_ids(long, width).to(dev)
+            b = self._batch([rows[i] for i in long], [self.lens[rows[i]] for i in long], n_a, width, 0)
+            self._forward(ids, b, n_real=width, n_cand=0)
+            for i, n in zip(long, n_a):
+                self.lens[rows[i]] += n
+                self.tokens_computed += n
         # Forward B: the last new token of every row + its candidates.
-        last = torch.tensor([t[-1] for t in new_tokens], dtype=torch.long, device=dev)
+        last = feed.last_ids().to(dev)
         ids = torch.cat([last[:, None], cand_ids], dim=1)
-        b = _Batch(torch.tensor(rows, device=dev), torch.tensor([self.lens[r] for r in rows], device=dev))
+        b = self._batch(rows, [self.lens[r] for r in rows], [1] * len(rows), 1, n_cand)
         hidden = self._forward(ids, b, n_real=1, n_cand=n_cand)
         for r in rows:
             self.lens[r] += 1
@@ -276,20 +373,64 @@ class CachedValueModel:
         return CandidateScores(success_logit=logits[..., SUCCESS_CLASS] - torch.logsumexp(others, -1))
 
 
+@dataclass
+class Feed:
+    """The tokens a step appends to each row: `lengths[i]` new tokens of row i, whose last
+    token is `last[i]` and whose earlier ones come from `prefix(i)` — host lists (V1 adapter)
+    or a gather from the device token table (MRV2 adapter), so steady decoding (one new token
+    per row) never copies a token back to the host."""
+
+    lengths: list[int]
+    last: torch.Tensor  # [B] last new token of each row (any device)
+    prefix: "Any" = None  # callable (rows, width) -> [len(rows), width] ids, or host lists
+
+    @staticmethod
+    def from_lists(tokens: list[list[int]]) -> "Feed":
+        return Feed([len(t) for t in tokens], torch.tensor([t[-1] if t else 0 for t in tokens], dtype=torch.long),
+                    [list(t) for t in tokens])
+
+    def select(self, idx: list[int]) -> "Feed":
+        """The rows `idx` of this feed, in that order."""
+        if len(idx) == len(self.lengths) and idx == list(range(len(idx))):
+            return self
+        prefix = self.prefix
+        if callable(prefix):
+            sub = prefix
+            prefix = lambda rows, width: sub([idx[r] for r in rows], width)  # noqa: E731
+        elif prefix is not None:
+            prefix = [prefix[i] for i in idx]
+        last = self.last.index_select(0, torch.tensor(idx, device=self.last.device))
+        return Feed([self.lengths[i] for i in idx], last, prefix)
+
+    def last_ids(self) -> torch.Tensor:
+        return self.last.long()
+
+    def prefix_ids(self, rows: list[int], width: int) -> torch.Tensor:
+        """[len(rows), width] of all but the last new token of each row, zero-padded."""
+        if callable(self.prefix):
+            return self.prefix(rows, width).long()
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            t = self.prefix[i][:-1]
+            ids[j, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return ids
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-_MODELS: dict[tuple[str, str], CachedValueModel] = {}
+_MODELS: dict[tuple[str, str, float | None], CachedValueModel] = {}
 _LOCK = threading.Lock()
 
 
-def get_model(path: str, device: torch.device | str) -> CachedValueModel:
-    """The worker's value model for `path` on `device`, loaded on first use and kept."""
-    key = (path, str(device))
+def get_model(path: str, device: torch.device | str, budget_gib: float | None = None) -> CachedValueModel:
+    """The worker's value model for `path` on `device`, loaded on first use and kept; its
+    cache pool is bounded by `budget_gib` (the engine's guidance budget, fixed at first load)."""
+    key = (path, str(device), budget_gib)
     with _LOCK:
         if key not in _MODELS:
             log.info("loading guidance value model %s on %s", path, device)
-            _MODELS[key] = CachedValueModel(path, device)
+            _MODELS[key] = CachedValueModel(path, device, budget_gib=budget_gib)
         return _MODELS[key]

@@ -38,7 +38,8 @@ class SearchEvents:
 
 def derive_seed(*parts: Any) -> int:
     """A stable 31-bit seed from any parts (base seed, benchmark, problem id, repetition, ...).
-    Per-item seeds make results independent of batching and of where a resumed run restarts."""
+    Per-item seeds make results independent of batching and of where a resumed run restarts
+    (bit-identical on CPU; on a GPU same seeds and distribution, see README "Determinism")."""
     h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 

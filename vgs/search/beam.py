@@ -14,7 +14,8 @@ its candidates. There is no barrier across problems or trees: vLLM's continuous 
 the value batcher merge the work of everything in flight. The value model only computes
 each candidate's new block thanks to prefix caching (token ids are resubmitted exactly).
 Every random choice is seeded per (problem, tree, round, beam), so results do not depend on
-scheduling. The round logic (`expand`, `select`, `advance`) is pure.
+scheduling on CPU; on a GPU batch-shape-dependent kernels can flip near-tied tokens, so there
+the guarantee is the same seeds and distribution, not identical tokens (README, "Determinism"). The round logic (`expand`, `select`, `advance`) is pure.
 """
 
 from __future__ import annotations

@@ -75,13 +75,16 @@ async def guided_sample(prompt: list[int], seed: int, engines, search: SearchCon
         raise
     comp = Compute(policy_params=policy.num_params, value_params=_value_params(engines.value_model))
     cands = []
-    for key, samples in zip(keys, outs):
+    error = None
+    for j, (key, samples) in enumerate(zip(keys, outs)):
         sample = samples[0]
         rep = read_report(key, len(sample.token_ids))
         if rep is None and sample.token_ids:
             raise VGSError("the policy engine did not apply guidance (no report from the worker); build it "
                            "with the guidance logits processor (PolicyEngine's default)")
         info = {"eta": base.eta, "top_k": base.top_k}
+        if rep is not None and rep.error and error is None:
+            error = f"sample {j}: {rep.error}"  # the worker gave up guiding it (value-model KV budget)
         if rep is not None:
             info["value_tokens"] = rep.value_tokens
             if search.report_kl:
@@ -91,7 +94,7 @@ async def guided_sample(prompt: list[int], seed: int, engines, search: SearchCon
         comp.policy_tokens += len(sample.token_ids)
         comp.prefill_tokens += sample.prefill_tokens
         cands.append(Candidate(token_ids=sample.token_ids, finish_reason=sample.finish_reason, info=info))
-    return SearchResult(cands, comp)
+    return SearchResult(cands, comp, error=error)
 
 
 def drop_report(key: str) -> None:

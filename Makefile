@@ -1,12 +1,21 @@
 # Two entry points for a new user: `make demo` and `make test`. Both install first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-build demo-aime test bench clean
 
 setup:
 	bash scripts/setup
 
+# the demo world: shipped tiny policy + value model, search methods on its held-out split
 demo: setup
+	$(PY) -m benchmarks.demo_world
+
+# rebuild the demo world's models from scratch (policy SFT, vgs collect, value_models.train)
+demo-build: setup
+	$(PY) -m benchmarks.demo_world.build --force
+
+# the pipeline on AIME 2024 with tiny random-weight models (shows the plumbing, ~0% accuracy)
+demo-aime: setup
 	$(PY) -m benchmarks.demo
 
 test: setup

@@ -1,0 +1,113 @@
+"""The demo world as the toolkit's integration test: the shipped policy/value pair loads
+through the real engines, and value-guided selection beats random selection on held-out
+problems (the smaller setting of `make demo`)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks.demo_world import POLICY_DIR, VALUE_DIR, task
+
+
+def test_splits_are_fixed_and_disjoint():
+    train = task.make_split("train", 500, seed=3)
+    held = task.make_split("heldout", 200, seed=3)
+    assert train == task.make_split("train", 500, seed=3)
+    assert not {p.problem for p in train} & {p.problem for p in held}
+    assert all(task.split_of(p.problem) == "heldout" for p in held)
+    for p in held[:50]:
+        assert str(task.parse(p.problem).answer()) == p.answer
+
+
+def test_error_model_has_systematic_and_random_errors():
+    chain = next(task.parse(p.problem) for p in task.make_split("train", 500, seed=0)
+                 if task.parse(p.problem).steps[0][0] == "*" and ("*", task.parse(p.problem).start, task.parse(p.problem).steps[0][1]) in task.SYSTEMATIC)
+    rng = random.Random(0)
+    firsts = [task.solution(chain, rng).split("\n")[0] for _ in range(400)]
+    op, b = chain.steps[0]
+    wrong = f"{chain.start}{op}{b}={task.SYSTEMATIC[(op, chain.start, b)]}"
+    assert 0.6 < firsts.count(wrong) / 400 < 0.8  # one fixed wrong result, more often than the right one
+    assert task.first_wrong_step(chain.text, task.solution(chain)) is None
+    assert task.first_wrong_step(chain.text, wrong + "\n") == 0
+
+
+def test_tokenizer_round_trip_and_step_blocks():
+    from transformers import AutoTokenizer
+
+    from benchmarks.demo_world.__main__ import BLOCK
+    from vgs.grading import extract_answer
+    from vgs.prompts import decode, prompt_ids, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(POLICY_DIR))
+    p = task.make_split("heldout", 1, seed=0)[0]
+    ids = prompt_ids(tok, p.problem)
+    assert decode(tok, ids) == render_prompt(tok, p.problem)
+    assert ids[0] == tok.convert_tokens_to_ids("<|user|>") and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    sol = task.solution(task.parse(p.problem))
+    sol_ids = tok(sol, add_special_tokens=False)["input_ids"]
+    assert len(tok(sol.split("\n")[0] + "\n", add_special_tokens=False)["input_ids"]) == BLOCK
+    assert extract_answer(decode(tok, ids + sol_ids + [tok.eos_token_id])) == p.answer
+
+
+@pytest.fixture(scope="module")
+def demo_engines():
+    """The shipped pair behind the real engines: vLLM policy, transformers value scorer (no
+    second vLLM engine: the value model is tiny)."""
+    from vgs.config import EngineConfig
+    from vgs.engine import PolicyEngine
+    from vgs.search import Engines
+    from vgs.value import make_value_scorer
+
+    policy = PolicyEngine(EngineConfig(model=str(POLICY_DIR), kv_cache_gib=0.25, max_model_len=256))
+    try:
+        yield Engines(policy=policy, value=make_value_scorer(str(VALUE_DIR), backend="hf"), value_model=str(VALUE_DIR))
+    finally:
+        policy.close()
+
+
+def _accuracy(engines, search, problems, metric: str) -> float:
+    from benchmarks.demo_world.__main__ import MAX_TOKENS
+    from benchmarks.runner import WorkItem, grade_results
+    from vgs.config import SamplingConfig
+    from vgs.grading import Grader
+    from vgs.prompts import prompt_ids
+    from vgs.search import derive_seed, run_search
+
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=0)
+    tok = engines.policy.tokenizer
+    items = [WorkItem(p, 0, derive_seed(0, p.id)) for p in problems]
+    results = run_search([prompt_ids(tok, p.problem) for p in problems], [it.seed for it in items], engines,
+                         search.validate(), sampling)
+    with Grader() as grader:
+        rows = grade_results(items, results, tok, grader, search.method, save_text=False)
+    return sum(r["metrics"][metric] for r in rows) / len(rows)
+
+
+@pytest.mark.vllm
+def test_shipped_policy_solves_part_of_the_held_out_split(demo_engines):
+    """The shipped policy loads in vLLM with its own tokenizer and writes graded solutions:
+    right part of the time (the world is built so that search has something to fix)."""
+    from vgs.config import SearchConfig
+
+    problems = task.make_split("heldout", 40, seed=1)
+    pass1 = _accuracy(demo_engines, SearchConfig(method="majority", n=4), problems, "pass1")
+    assert 0.2 < pass1 < 0.9, pass1
+
+
+@pytest.mark.vllm
+@pytest.mark.xfail(strict=True, reason="the shipped value model does not separate yet (validation AUC ~0.6, "
+                                       "see README 'The demo world'); remove this marker when it does")
+def test_value_guided_selection_beats_random_selection(demo_engines):
+    """VGS with the shipped value model choosing the beams vs the same search choosing them at
+    random (same seeds, same budget)."""
+    from benchmarks.demo_world.__main__ import vgs_config
+
+    problems = task.make_split("heldout", 60, seed=1)
+    acc = {}
+    for sel in ("global", "random"):
+        search = vgs_config(8)
+        search.selection = sel
+        acc[sel] = _accuracy(demo_engines, search, problems, "wmaj")
+    assert acc["global"] >= acc["random"] + 0.10, acc

@@ -57,7 +57,7 @@ def test_missing_asset_is_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_nothing_reads_outside_the_repository():
-    """No tracked code points at the development-only `../shared` folder beside the clone."""
+    """No tracked code points at a development-only shared folder beside the clone."""
     files = subprocess.run(["git", "ls-files", "*.py", "Makefile", "scripts/*", ".ci/*", "pyproject.toml"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     pattern = re.compile(r"\.\./shared|parents?\[?\d?\]? ?/ ?[\"']shared[\"']|VGS_SHARED_DIR")

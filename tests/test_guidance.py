@@ -223,6 +223,35 @@ def test_cached_value_model_matches_full_forwards(tiny_value, value_hf, page_siz
     assert m.pages_in_use == 0
 
 
+def test_new_pool_fits_what_the_budget_allows(tiny_value):
+    """A fresh pool sized for exactly the pages asked for must still hold them all: page 0 is
+    padding and never handed out (regression: the first 4 x 256-token rows failed one row
+    with "budget exhausted" under an 8 GiB budget)."""
+    from vgs.guidance.worker_model import CachedValueModel
+
+    m = CachedValueModel(tiny_value, page_size=64, budget_gib=8.0)
+    rows = [m.alloc_row() for _ in range(4)]
+    m.reserve(rows, [256] * 4)  # 16 pages on an empty pool
+    assert [len(m.pages[r]) for r in rows] == [4] * 4 and m.pages_in_use == 16
+    m.reserve(rows, [300] * 4)  # growing an existing pool
+    assert m.pages_in_use == 20
+
+
+def test_feed_from_token_table_matches_host_lists():
+    """The MRV2 feed gathered from a device token table equals the host-list feed."""
+    from vgs.guidance.worker_model import Feed
+
+    table = torch.arange(40).reshape(4, 10)
+    spans = [(2, 3, 7), (0, 9, 10), (3, 0, 4)]  # (slot, start, end)
+    dev = Feed.from_token_table(table, spans)
+    host = Feed.from_lists([table[s, a:b].tolist() for s, a, b in spans])
+    assert dev.lengths == host.lengths == [4, 1, 4]
+    assert torch.equal(dev.last_ids(), host.last_ids())
+    assert torch.equal(dev.prefix_ids([0, 2], 3), host.prefix_ids([0, 2], 3))
+    sub = dev.select([2, 0])
+    assert sub.lengths == [4, 4] and torch.equal(sub.prefix_ids([0, 1], 3), host.select([2, 0]).prefix_ids([0, 1], 3))
+
+
 def test_guidance_kv_budget_fails_one_request_not_the_batch(tiny_value, value_hf, tmp_path, monkeypatch):
     """A 5-page budget (4 usable pages of 64 tokens): a second 150-token request cannot fit.
     It alone is ended (only its stop token stays possible) with the error in its report; the

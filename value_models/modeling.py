@@ -175,5 +175,7 @@ def load_value_model(path: str, dtype: torch.dtype | None = None, device: str | 
     """
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = AutoValueModel.from_pretrained(path, dtype=dtype)
+    # The class itself, not AutoValueModel: `from_pretrained` reads the plain Qwen2Config either
+    # way, and this avoids transformers' private auto-mapping API (5.17 maps nothing through it).
+    model = Qwen2ForClassifier.from_pretrained(path, dtype=dtype)
     return model.to(device).eval()

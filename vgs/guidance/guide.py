@@ -25,6 +25,7 @@ import torch
 from vgs.guidance import offsets as core
 from vgs.guidance.params import GuideParams, validate_sampling_params
 from vgs.guidance.report import ReportWriter
+from vgs.guidance.transfer import upload
 from vgs.guidance.worker_model import CachedValueModel, Feed, GuidanceMemoryError, get_model
 
 log = logging.getLogger(__name__)
@@ -167,12 +168,12 @@ class Guide:
 
         dev = logits.device
         all_rows = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
-        rows_t = None if all_rows else torch.tensor(rows, device=dev)
+        rows_t = None if all_rows else upload(rows, dev, torch.long)
         ref = logits if all_rows else logits.index_select(0, rows_t)
         ks = [r.params.top_k for r in reqs]
         kmax = min(max(ks), logits.shape[1])
         cand = core.top_k_candidates(ref, kmax)  # [B, kmax]
-        valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(ks, device=dev)[:, None]
+        valid = torch.arange(kmax, device=dev)[None, :] < upload(ks, dev, torch.long)[:, None]
         offs = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
 
         groups: dict[int, list[int]] = {}
@@ -182,7 +183,7 @@ class Guide:
         for idx in groups.values():
             model = reqs[idx[0]].model
             while idx:
-                sel = torch.tensor(idx, device=dev)
+                sel = upload(idx, dev, torch.long)
                 c = cand.index_select(0, sel) if len(idx) != len(reqs) else cand
                 try:
                     scores = model.score([reqs[i].row for i in idx], feed.select(idx), c)
@@ -196,7 +197,7 @@ class Guide:
                             value_tokens[i] = 0
                     idx = [i for i in idx if reqs[i].row not in out]
                     continue
-                o = core.compute_offsets(scores, [reqs[i].params.eta for i in idx],
+                o = core.compute_offsets(scores, upload([reqs[i].params.eta for i in idx], model.device, torch.float32),
                                          [reqs[i].params.method for i in idx]).to(dev)
                 if model.vocab_size < logits.shape[1]:
                     valid[sel] &= c < model.vocab_size  # tokens the value model cannot embed: no offset
@@ -206,8 +207,8 @@ class Guide:
 
         rep = [i for i, r in enumerate(reqs) if r.report is not None and r.failed is None]
         if rep:
-            sel = torch.tensor(rep, device=dev)
-            temps = torch.tensor([reqs[i].temperature for i in rep], dtype=torch.float32, device=dev)
+            sel = upload(rep, dev, torch.long)
+            temps = upload([reqs[i].temperature for i in rep], dev, torch.float32)
             sub, c, o, v = ref.index_select(0, sel), cand.index_select(0, sel), offs.index_select(0, sel), valid.index_select(0, sel)
             # One device→host read for both KLs (reports must be written before this step's
             # token can reach the caller, so this read cannot be deferred).

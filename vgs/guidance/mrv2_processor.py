@@ -95,26 +95,8 @@ class QSharpMRV2Processor(LogitsProcessor):
         return req.fed
 
     def _feed(self, spans: list[tuple[int, int, int]]) -> Any:
-        """The new tokens all_token_ids[slot, start:end] of each row as a `Feed` gathered on
-        the device: the value model reads them from there, so no token is copied back to the
-        host (no GPU→CPU sync; the old path did `.tolist()` every step)."""
-        import torch
-
+        """The new tokens all_token_ids[slot, start:end] of each row, gathered on the device
+        (`Feed.from_token_table`): no token is copied back to the host (no GPU→CPU sync)."""
         from vgs.guidance.worker_model import Feed
 
-        table = self.state.all_token_ids.gpu
-        dev = table.device
-        slots = torch.tensor([s for s, _, _ in spans], dtype=torch.long, device=dev)
-        starts = torch.tensor([a for _, a, _ in spans], dtype=torch.long, device=dev)
-        ends = torch.tensor([b for _, _, b in spans], dtype=torch.long, device=dev)
-        last = table[slots, ends - 1]
-
-        def prefix(rows: list[int], width: int) -> torch.Tensor:
-            """[len(rows), width]: all but the last new token of each row, zero-padded."""
-            r = torch.tensor(rows, dtype=torch.long, device=dev)
-            pos = starts[r, None] + torch.arange(width, device=dev)[None, :]
-            inside = pos < (ends[r, None] - 1)
-            ids = table[slots[r, None], torch.where(inside, pos, torch.zeros_like(pos))]
-            return torch.where(inside, ids, torch.zeros_like(ids))
-
-        return Feed([b - a for _, a, b in spans], last, prefix)
+        return Feed.from_token_table(self.state.all_token_ids.gpu, spans)

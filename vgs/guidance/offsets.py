@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vgs.guidance.transfer import upload
+
 METHODS = ("qsharp", "cd")
 
 
@@ -82,7 +84,7 @@ def compute_offsets(scores: CandidateScores, eta: torch.Tensor | float,
         if method not in METHODS:
             raise ValueError(f"unknown guidance method {method!r}; choose one of {', '.join(METHODS)}")
         return qsharp if method == "qsharp" else cd
-    is_cd = torch.tensor([m == "cd" for m in method], device=qsharp.device).reshape(-1, 1)
+    is_cd = upload([m == "cd" for m in method], qsharp.device, torch.bool).reshape(-1, 1)
     return torch.where(is_cd, cd, qsharp)
 
 

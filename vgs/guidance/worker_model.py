@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from vgs.guidance.offsets import CandidateScores
 from vgs.guidance.params import resolve_value_model_path
+from vgs.guidance.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class CachedValueModel:
         need = {r: -(-n // ps) - len(self.pages[r]) for r, n in zip(rows, lengths)}
         total = sum(max(0, n) for n in need.values())
         if total > len(self._free_pages) and self.num_pages < self.max_pages:
-            short = total - len(self._free_pages)
+            short = total - len(self._free_pages) + (0 if self.num_pages else 1)  # + page 0 of a new pool
             self._grow_pool(max(2 * self.num_pages, self.num_pages + short, _MIN_PAGES))
         failed = []
         for r, n in need.items():
@@ -249,7 +250,7 @@ class CachedValueModel:
             pg = self.pages[r][:width]
             if pg:
                 table[i, : len(pg)] = torch.tensor(pg, dtype=torch.long)
-        table = table.to(self.device, non_blocking=True)
+        table = upload(table, self.device)
         pos = torch.arange(span, device=self.device)
         return table[:, pos // ps] * ps + pos % ps
 
@@ -257,13 +258,16 @@ class CachedValueModel:
         """Everything a forward needs about its rows, built once on the host and uploaded:
         `n_real[i]` real tokens of row i (padded to `width`) follow its `lens[i]` cached ones."""
         dev = self.device
-        span = max(lens) + width
+        # Keys padded to whole pages (masked past each row's length): the attention shapes then
+        # repeat for a page's worth of steps, so cuDNN's SDPA reuses its execution plan instead of
+        # building one for every new length (~1.5 ms of host time per layer per step on an H200).
+        span = -(-(max(lens) + width) // self.page_size) * self.page_size
         slots = self._slot_table(rows, span)
-        lens_t = torch.tensor(lens, device=dev)
+        lens_t = upload(lens, dev, torch.long)
         write = None
         if width:
             pos = lens_t[:, None] + torch.arange(width, device=dev)[None, :]
-            real = torch.arange(width, device=dev)[None, :] < torch.tensor(n_real, device=dev)[:, None]
+            real = torch.arange(width, device=dev)[None, :] < upload(n_real, dev, torch.long)[:, None]
             write = torch.where(real, slots.gather(1, pos), torch.zeros_like(pos)).reshape(-1)
         return _Batch(lens_t, slots, write, self._mask(lens_t, span, width, n_cand), span)
 
@@ -389,6 +393,27 @@ class Feed:
         return Feed([len(t) for t in tokens], torch.tensor([t[-1] if t else 0 for t in tokens], dtype=torch.long),
                     [list(t) for t in tokens])
 
+    @staticmethod
+    def from_token_table(table: torch.Tensor, spans: list[tuple[int, int, int]]) -> "Feed":
+        """The tokens `table[slot, start:end]` of each row `(slot, start, end)` of a device token
+        table (MRV2's `all_token_ids`), gathered on the device. Only the host-side spans are
+        uploaded (pinned, non-blocking), so steady decoding reads nothing back from the device."""
+        dev = table.device
+        slots = upload([s for s, _, _ in spans], dev, torch.long)
+        starts = upload([a for _, a, _ in spans], dev, torch.long)
+        ends = upload([b for _, _, b in spans], dev, torch.long)
+        last = table[slots, ends - 1]
+
+        def prefix(rows: list[int], width: int) -> torch.Tensor:
+            """[len(rows), width]: all but the last new token of each row, zero-padded."""
+            r = upload(rows, dev, torch.long)
+            pos = starts[r, None] + torch.arange(width, device=dev)[None, :]
+            inside = pos < (ends[r, None] - 1)
+            ids = table[slots[r, None], torch.where(inside, pos, torch.zeros_like(pos))]
+            return torch.where(inside, ids, torch.zeros_like(ids))
+
+        return Feed([b - a for _, a, b in spans], last, prefix)
+
     def select(self, idx: list[int]) -> "Feed":
         """The rows `idx` of this feed, in that order."""
         if len(idx) == len(self.lengths) and idx == list(range(len(idx))):
@@ -399,7 +424,7 @@ class Feed:
             prefix = lambda rows, width: sub([idx[r] for r in rows], width)  # noqa: E731
         elif prefix is not None:
             prefix = [prefix[i] for i in idx]
-        last = self.last.index_select(0, torch.tensor(idx, device=self.last.device))
+        last = self.last.index_select(0, upload(idx, self.last.device, torch.long))
         return Feed([self.lengths[i] for i in idx], last, prefix)
 
     def last_ids(self) -> torch.Tensor:

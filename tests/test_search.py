@@ -318,3 +318,36 @@ def test_value_batcher_coalesces_and_attributes_cost():
         b.close()
 
     run_sync(scenario())
+
+
+def test_lengths_checked_against_every_model_the_method_reads(tmp_path):
+    """Admission refuses prompt + max_tokens past the policy's context, the scorer's context
+    (scored methods) and the in-worker guidance model's positions (Q♯/CD), before any work."""
+    import json
+
+    from tests.fakes import FakePolicy, MarkerScorer
+    from vgs.config import SamplingConfig, SearchConfig
+    from vgs.errors import VGSError
+    from vgs.search import Engines, check_lengths
+
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForClassifier"], "vocab_size": 100,
+                                                "max_position_embeddings": 256}))
+    policy, scorer = FakePolicy(), MarkerScorer()
+    policy.max_model_len, scorer.max_model_len = 1024, 512
+    engines = Engines(policy=policy, value=scorer, value_model=str(vm))
+    cases = [  # (method, prompt, max_tokens, error fragment or None)
+        ("qsharp", 200, 56, None), ("qsharp", 200, 57, "guidance value model's context of 256"),
+        ("cd", 10, 300, "guidance value model's context of 256"),
+        ("vgs", 200, 312, None), ("vgs", 200, 313, "value model's context of 512"),
+        ("majority", 200, 824, None), ("majority", 200, 825, "policy's context of 1024"),
+    ]
+    for method, prompt, max_tokens, error in cases:
+        sampling = SamplingConfig(max_tokens=max_tokens)
+        cfg = SearchConfig(method=method, budget=2, beam_width=2) if method == "vgs" else SearchConfig(method=method)
+        if error is None:
+            check_lengths(prompt, engines, cfg, sampling)
+        else:
+            with pytest.raises(VGSError, match=error):
+                check_lengths(prompt, engines, cfg, sampling)

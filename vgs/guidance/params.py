@@ -85,8 +85,8 @@ def resolve_value_model_path(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _value_model_vocab(path: str, mtime: float) -> int:
-    """Vocabulary size of a value-model checkpoint; raises ValueError with a user message."""
+def _value_model_config(path: str, mtime: float) -> dict:
+    """config.json of a value-model checkpoint; raises ValueError with a user message."""
     try:
         local = resolve_value_model_path(path)
     except Exception:  # noqa: BLE001 - any failure means "not available locally"
@@ -101,7 +101,19 @@ def _value_model_vocab(path: str, mtime: float) -> int:
     if "Qwen2ForClassifier" not in (cfg.get("architectures") or []):
         raise ValueError(f"{MODEL_KEY} {path!r} is not a value model (config.json architectures lack "
                          "Qwen2ForClassifier)")
-    return int(cfg.get("vocab_size", 0))
+    return cfg
+
+
+def _value_model_vocab(path: str, mtime: float) -> int:
+    return int(_value_model_config(path, mtime).get("vocab_size", 0))
+
+
+def value_model_context(path: str) -> int | None:
+    """Positions the in-worker value model was built for (`max_position_embeddings`), or None
+    when its config does not say. Admission checks prompt + max_tokens against it, so a Q♯/CD
+    request never runs past the value model's context in the middle of decoding."""
+    n = _value_model_config(path, _mtime(path)).get("max_position_embeddings")
+    return int(n) if n else None
 
 
 def _mtime(path: str) -> float:

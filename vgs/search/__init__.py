@@ -75,11 +75,23 @@ def check_lengths(prompt_len: int, engines: Engines, cfg: SearchConfig, sampling
     if limit and total > limit:
         raise VGSError(f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) exceeds the policy's "
                        f"context of {limit} tokens; lower max_tokens or raise --max-model-len", param="max_tokens")
-    vlimit = getattr(engines.value, "max_model_len", None) if get_method(cfg.method).needs_scorer else None
+    method = get_method(cfg.method)
+    vlimit = getattr(engines.value, "max_model_len", None) if method.needs_scorer else None
     if vlimit and total > vlimit:
         raise VGSError(f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) exceeds the value "
                        f"model's context of {vlimit} tokens; lower max_tokens or raise the value model's "
                        "--max-model-len", param="max_tokens")
+    if method.needs_guidance_model and engines.value_model:
+        from vgs.guidance.params import value_model_context
+
+        try:
+            glimit = value_model_context(engines.value_model)
+        except ValueError as exc:
+            raise VGSError(str(exc), param="search.method") from None
+        if glimit and total > glimit:
+            raise VGSError(f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) exceeds the guidance "
+                           f"value model's context of {glimit} tokens (max_position_embeddings); lower max_tokens",
+                           param="max_tokens")
 
 
 def run_search(prompts: list[list[int]], seeds: list[int], engines: Engines, search_cfg: SearchConfig,

@@ -580,6 +580,58 @@ def test_preferred_token_frequency_rises_as_predicted(policy_engine, tokenizer_d
 
 
 @pytest.mark.vllm
+def test_temperature_applies_after_the_offset_through_vllm(policy_engine, tiny_policy, tokenizer_dir, tmp_path):
+    """At T = 0.6 vLLM samples the boosted token as often as softmax((ℓ + offset)/T) predicts
+    (the offset inside the temperature: what docs/guidance.md says) and measurably not as
+    often as softmax(ℓ/T + offset) would. π_ref over the whole vocabulary comes from the HF
+    forward of the same checkpoint (the tail matters once T ≠ 1), checked against vLLM's raw
+    logprobs on the top 20."""
+    from transformers import AutoModelForCausalLM
+
+    from vgs.config import SamplingConfig
+    from vgs.engine import GenRequest
+
+    T = 0.6
+    hf = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([PROMPT])).logits[0, -1].double()
+    logp = torch.log_softmax(logits, -1)
+    ref = policy_engine.generate([GenRequest(PROMPT, 1, seed=0, logprobs=20)],
+                                 SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=1, seed=0))[0][0]
+    top = top_k_logprobs(ref.logprobs[0], 20)
+    for t, lp in top.items():
+        assert abs(float(logp[t]) - lp) < 1e-3  # the HF forward is π_ref as vLLM sees it
+    marker = list(top)[4]
+    p_m, p_o = 0.95, 1e-9
+    cand = torch.tensor(list(top))
+
+    def predict(eta: float) -> tuple[float, float]:
+        off = torch.zeros_like(logits)
+        lift = lambda p: math.log(1 - p + p * math.exp(1 / eta))  # noqa: E731
+        off[cand] = lift(p_o)
+        off[marker] = lift(p_m)
+        after = torch.softmax((logits + off) / T, -1)[marker]  # vLLM: processors, then temperature
+        before = torch.softmax(logits / T + off, -1)[marker]  # the other order
+        return float(after), float(before)
+
+    lo, hi = 0.01, 10.0  # η giving a predicted frequency of ~0.4 (monotone in η)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predict(mid)[0] > 0.4 else (lo, mid)
+    eta = (lo + hi) / 2
+    pred, other = predict(eta)
+    n = 400
+    sd = math.sqrt(n * pred * (1 - pred))
+    assert abs(pred - other) * n > 8 * sd, (pred, other)  # the two orders are far apart
+    vm = make_marker_value(str(tmp_path / "marker_vm_t"), tokenizer_dir, marker, p_m, p_o)
+    args = {"vgs_guidance": "qsharp", "vgs_value_model": vm, "vgs_eta": eta, "vgs_top_k": 20}
+    guided = policy_engine.generate([GenRequest(PROMPT, 1, n=n, seed=2, extra_args=args)],
+                                    SamplingConfig(temperature=T, top_p=1.0, max_tokens=1, seed=0))[0]
+    count = sum(s.token_ids[0] == marker for s in guided)
+    assert abs(count - n * pred) <= 4 * sd, (count, n * pred, n * other)
+
+
+@pytest.mark.vllm
 def test_mixed_batch_and_kl_report(policy_engine, tokenizer_dir, tmp_path):
     from vgs.config import SamplingConfig
     from vgs.engine import GenRequest

@@ -185,6 +185,72 @@ def measure_cpu(config, micro_batch: int, seq_len: int, grad_ckpt: bool, dropout
     return {"peak": float(peak), "rss_growth": float(rss)}
 
 
+def measure_gpu(config, micro_batch: int, seq_len: int, steps: int = 2, device: str = "cuda") -> dict[str, float]:
+    """Peak allocated device memory and step time of real training steps of the trainer's own
+    pieces (fp32 weights, bf16 autocast through `value_models.train._forward`, gradient
+    checkpointing, fused AdamW, the trainer's loss) at `micro_batch` x `seq_len` tokens, one
+    sequence 1,000 tokens shorter so the batch is padded (the mask case the estimate counts)."""
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from value_models.data import Example, collate
+    from value_models.modeling import Qwen2ForClassifier
+    from value_models.train import TrainConfig, _forward, param_groups, sequence_losses
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    with dev:
+        model = Qwen2ForClassifier(replace(config)).float()
+    model.config._attn_implementation = "sdpa"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    tc = TrainConfig(data=["-"], init="-", out="-", dtype="bf16" if dev.type == "cuda" else "fp32")
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=1e-5, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                            fused=True)
+    d = SimpleNamespace(device=dev)
+    rng = np.random.default_rng(0)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(steps):
+        lens = [seq_len] * (micro_batch - 1) + [seq_len - min(1000, seq_len // 2)]
+        batch = collate([Example(rng.integers(0, config.vocab_size, size=n), n // 4, int(rng.integers(0, 3)))
+                         for n in lens], pad_id=0).to(dev)
+        t0 = time.perf_counter()
+        loss = sequence_losses(_forward(model, batch, tc, d), batch).sum() / micro_batch
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+        del loss, batch
+    peak = float(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else float("nan")
+    del model, opt
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"peak": peak, "step_s": times[-1]}
+
+
+def gpu_check_rows(micro_batches: list[int], seq_len: int = 16384, device: str = "cuda") -> list[dict]:
+    """Measured vs estimated peak for the published 1.5B shape on one GPU (world 1, no DDP)."""
+    cfg = published_config()
+    shape = model_shape(cfg)
+    rows = []
+    for mb in micro_batches:
+        est = estimate(shape, Setup(f"mb {mb} x {seq_len}", mb, seq_len, world=1))
+        got = measure_gpu(cfg, mb, seq_len, device=device)
+        tokens = mb * seq_len
+        rows.append({"config": f"1.5B, 1 GPU, mb {mb} x {seq_len}, ckpt, bf16 autocast", "estimate_GiB": est["peak"] / GIB,
+                     "measured_GiB": got["peak"] / GIB, "ratio": est["peak"] / got["peak"],
+                     "step_s": got["step_s"], "tokens_per_s": tokens / got["step_s"]})
+    return rows
+
+
 def check_rows(micro_batch: int = 4, seq_len: int = 512) -> list[dict]:
     """Measured vs estimated peak for the tiny model on CPU (fp32), with and without gradient
     checkpointing, no padding (equal lengths: SDPA gets no mask on CPU)."""
@@ -231,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=4, help="tiny CPU check: sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=512, help="tiny CPU check: tokens per sequence")
     p.add_argument("--skip-measure", action="store_true", help="only the analytic GPU table")
+    p.add_argument("--measure-gpu", type=int, nargs="*", metavar="MB",
+                   help="on a CUDA GPU: measure the published shape at these micro-batches x 16,384 tokens "
+                        "against the estimate (e.g. --measure-gpu 1 4 8)")
     args = p.parse_args(argv)
     shape = model_shape(published_config())
     pd.set_option("display.width", 200)
@@ -238,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"value model 1.5B: {shape['params'] / 1e9:.3f}B params ({shape['L']} layers, H {shape['H']}, "
           f"I {shape['I']}); per GPU, bf16 autocast, fp32 weights/grads/AdamW, world {args.world}")
     print(pd.DataFrame(gpu_rows(args.world, args.gpu_gib)).round(2).to_string(index=False))
+    if args.measure_gpu:
+        rows = gpu_check_rows(args.measure_gpu)
+        print("\npublished shape on this GPU: measured peak (torch.cuda.max_memory_allocated) vs the estimate")
+        print(pd.DataFrame(rows).round(3).to_string(index=False))
     if args.skip_measure:
         return 0
     rows = check_rows(args.micro_batch, args.seq_len)

@@ -22,3 +22,14 @@ def test_published_configuration_table():
     assert rows["published: mb 8 x 16k, no ckpt, FSDP"]["fits_80GiB"] == "no"
     assert rows["published: mb 8 x 16k, ckpt, FSDP, --pack with SDPA (refused)"]["mask_GiB"] > 40
     assert abs(ddp["weights_GiB"] - 6 * 1.546e9 / 2**30) < 0.05  # fp32 master weights + bf16 autocast copies
+
+
+def test_gpu_measurement_runs_the_trainer_step_on_any_device():
+    """`--measure-gpu` runs the trainer's own step (autocast via `_forward`, padded batch, fused
+    AdamW) on any device; on CPU there is no CUDA peak to read, so it is NaN."""
+    import math
+
+    from benchmarks.train_memory import measure_gpu, tiny_config
+
+    got = measure_gpu(tiny_config(), micro_batch=2, seq_len=128, steps=2, device="cpu")
+    assert got["step_s"] > 0 and math.isnan(got["peak"])

@@ -396,7 +396,7 @@ def save_checkpoint(cfg: ApoConfig, d, model, policy, optimizer, step: int, samp
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from value_models.train import LATEST_FILE, TOKENIZER_FILES, barrier, checkpoint_dirs
+    from value_models.train import barrier, copy_tokenizer_files, publish_checkpoint
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = full_weights(model, policy, cfg, cpu_offload=True) if cfg.fsdp else None
@@ -413,20 +413,10 @@ def save_checkpoint(cfg: ApoConfig, d, model, policy, optimizer, step: int, samp
         policy.config.use_cache = True  # a checkpoint is an inference model
         policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         policy.config.use_cache = False
-        tok = cfg.tokenizer or cfg.init
-        for fname in TOKENIZER_FILES:
-            src = os.path.join(tok, fname)
-            if os.path.isfile(src) and not os.path.exists(os.path.join(tmp, fname)):
-                shutil.copy(src, tmp)
+        copy_tokenizer_files(cfg.tokenizer or cfg.init, tmp)
         torch.save({"step": step, "optimizer": optim_sd, "sampler": sampler_state, "world_size": d.world,
                     "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(root, LATEST_FILE + ".tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(root, LATEST_FILE + ".tmp"), os.path.join(root, LATEST_FILE))
-        for old in checkpoint_dirs(cfg.out)[: -cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(cfg.out, tmp, name, cfg.keep_last)
     barrier(d)
     return final
 

@@ -493,21 +493,36 @@ def save_checkpoint(cfg: TrainConfig, d: Dist, model, raw_model, optimizer, step
             raw_model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
         else:
             raw_model.config.save_pretrained(tmp)  # what `value_models.export` needs to consolidate later
-        tok = cfg.tokenizer or cfg.init
-        for fname in TOKENIZER_FILES:  # so a checkpoint also serves as a standalone vLLM model dir
-            src = os.path.join(tok, fname)
-            if os.path.isfile(src) and not os.path.exists(os.path.join(tmp, fname)):
-                shutil.copy(src, tmp)
+        copy_tokenizer_files(cfg.tokenizer or cfg.init, tmp)
         torch.save({**state, "step": step, "optimizer": optim_sd, "sharded": cfg.fsdp, "rng": rngs,
                     "world_size": d.world, "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(root, LATEST_FILE + ".tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(root, LATEST_FILE + ".tmp"), os.path.join(root, LATEST_FILE))
-        for old in checkpoint_dirs(cfg.out)[: -cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(cfg.out, tmp, name, cfg.keep_last)
     barrier(d)
+    return final
+
+
+def copy_tokenizer_files(tokenizer_dir: str, dst: str) -> None:
+    """Tokenizer and chat template next to the weights, so a checkpoint also serves as a
+    standalone vLLM / transformers model directory."""
+    for fname in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, fname)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(dst, fname)):
+            shutil.copy(src, dst)
+
+
+def publish_checkpoint(out: str, tmp: str, name: str, keep_last: int) -> str:
+    """Rank 0, once `tmp` is complete: rename it to `OUT/checkpoints/name` (atomic), point
+    `LATEST` at it (atomic), drop all but the newest `keep_last`. A crash at any point leaves
+    either the previous checkpoint or the new one, never a half-written one."""
+    root = os.path.join(out, CKPT_DIR)
+    final = os.path.join(root, name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(root, LATEST_FILE + ".tmp"), "w") as f:
+        f.write(name + "\n")
+    os.replace(os.path.join(root, LATEST_FILE + ".tmp"), os.path.join(root, LATEST_FILE))
+    for old in checkpoint_dirs(out)[: -keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from value_models.collect import (DATA_DIR, CollectConfig, EngineFactory, Manifest, Problem, _bar, _close,
-                                  _write_parquet, default_engine_factory, item_seed, load_problems, shard_chunks)
+                                  _write_parquet, default_engine_factory, item_seed, plan_chunks)
 from vgs.engine import GenRequest, GenSample
 from vgs.errors import VGSError
 
@@ -134,22 +134,8 @@ def _schema():
 def estimate(cfg: VStarConfig, engine_factory: EngineFactory | None = None, scorer: Any = None) -> dict:
     """Run (or resume) stage 1; returns the manifest. `scorer` (a `vgs.value.ValueScorer`)
     overrides the one built for `--value-model`."""
-    from vgs.prompts import load_tokenizer, prompt_ids
-
     cfg.validate()
-    problems = load_problems(cfg)
-    if not problems:
-        raise VGSError(f"no problems in {cfg.problems!r}")
-    os.makedirs(cfg.out, exist_ok=True)
-    manifest = Manifest(cfg, problems)
-    manifest.data["format"] = FORMAT
-    manifest.save()
-    tok = load_tokenizer(cfg.ref_model)
-    prompts = {p.id: prompt_ids(tok, p.problem, cfg.user_template) for p in problems}
-    chunks = [problems[i: i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
-    todo = [k for k in shard_chunks(len(chunks), cfg.num_shards, cfg.shard_index) if not manifest.done(k)]
-    if cfg.max_chunks:
-        todo = todo[: cfg.max_chunks]
+    manifest, tok, prompts, chunks, todo = plan_chunks(cfg, FORMAT)
     if not todo:
         _report(cfg, manifest, "nothing to do")
         return manifest.data

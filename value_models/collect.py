@@ -445,26 +445,39 @@ def _close(engine: Any, owned: bool) -> None:
 # the collection
 
 
-def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> dict:
-    """Run (or resume) a collection; returns the manifest."""
-    from vgs.grading import extract_answer, get_grader
-    from vgs.prompts import decode, load_tokenizer, prompt_ids
+def plan_chunks(cfg: Any, fmt: str | None = None) -> tuple[Manifest, Any, dict, list, list[int]]:
+    """What a (resumed) run of this shard still has to do: the manifest (created or reopened;
+    `fmt` tags the output format), the reference tokenizer, every problem's prompt ids, the
+    problems in chunks and the indices of this shard's chunks not yet done (at most
+    `max_chunks`). Shared by `vgs collect` and `vgs apo-vstar`."""
+    from vgs.prompts import load_tokenizer, prompt_ids
 
-    cfg.validate()
-    factory = engine_factory or default_engine_factory(cfg)
     problems = load_problems(cfg)
     if not problems:
         raise VGSError(f"no problems in {cfg.problems!r}")
     os.makedirs(cfg.out, exist_ok=True)
     manifest = Manifest(cfg, problems)
+    if fmt is not None:
+        manifest.data["format"] = fmt
     manifest.save()
     tok = load_tokenizer(cfg.ref_model)
     prompts = {p.id: prompt_ids(tok, p.problem, cfg.user_template) for p in problems}
-    _check_tokenizers(cfg, tok)
     chunks = [problems[i: i + cfg.chunk_size] for i in range(0, len(problems), cfg.chunk_size)]
     todo = [k for k in shard_chunks(len(chunks), cfg.num_shards, cfg.shard_index) if not manifest.done(k)]
     if cfg.max_chunks:
         todo = todo[: cfg.max_chunks]
+    return manifest, tok, prompts, chunks, todo
+
+
+def collect(cfg: CollectConfig, engine_factory: EngineFactory | None = None) -> dict:
+    """Run (or resume) a collection; returns the manifest."""
+    from vgs.grading import extract_answer, get_grader
+    from vgs.prompts import decode
+
+    cfg.validate()
+    factory = engine_factory or default_engine_factory(cfg)
+    manifest, tok, prompts, chunks, todo = plan_chunks(cfg)
+    _check_tokenizers(cfg, tok)
     if not todo:
         _report(cfg, manifest, "nothing to do")
         return manifest.data

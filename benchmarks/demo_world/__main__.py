@@ -35,6 +35,7 @@ quiet_engines()
 from benchmarks.demo_world import POLICY_DIR, VALUE_DIR, task  # noqa: E402
 from vgs.errors import VGSError  # noqa: E402
 
+DEV_SEED = 99  # `--split dev`: train-split problems of their own seed, for checks before held-out
 BLOCK = 6  # tokens in one step line "a+b=c\n": VGS selects after every step
 MAX_TOKENS = 48  # 6 steps x 6 + `\boxed{d}` + EOS = 40, with room to spare
 
@@ -105,6 +106,17 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return 100 * m, 100 * h
 
 
+def models_fingerprint(*dirs: str) -> str:
+    """8 hex digits of the models' weights: results of different models go to different folders."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in dirs:
+        with open(os.path.join(d, "model.safetensors"), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:8]
+
+
 def systematic_on_path(problem_text: str) -> int:
     """How many systematic-error facts the correct solution path meets (0 = a clean problem)."""
     chain = task.parse(problem_text)
@@ -117,7 +129,10 @@ def systematic_on_path(problem_text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.demo_world", description=__doc__.split("\n\n")[0])
-    p.add_argument("--problems", type=int, default=200, help="held-out problems")
+    p.add_argument("--problems", type=int, default=200, help="problems of --split")
+    p.add_argument("--split", choices=("heldout", "dev"), default="heldout",
+                   help="heldout (the report) or dev: train-split problems (seed %d, none of the build's) to "
+                        "check settings on without ever looking at held-out" % DEV_SEED)
     p.add_argument("--n", type=int, default=16, help="generation budget per problem (a power of two >= 4)")
     p.add_argument("--out", default=str(REPO / "runs" / "demo_world"))
     p.add_argument("--seed", type=int, default=0)
@@ -149,10 +164,12 @@ def evaluate(args) -> int:
     from vgs.value import make_value_scorer
 
     t_start = time.time()
-    out = os.path.join(args.out, f"heldout{args.problems}-n{args.n}-seed{args.seed}")
-    problems = task.make_split("heldout", args.problems, seed=0)
+    out = os.path.join(args.out, f"{args.split}{args.problems}-n{args.n}-seed{args.seed}")
+    out += "-" + models_fingerprint(args.policy, args.value_model)  # a rebuilt pair never resumes old rows
+    problems = (task.make_split("heldout", args.problems, seed=0) if args.split == "heldout"
+                else task.make_split("train", args.problems, seed=DEV_SEED))
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=args.seed).validate()
-    print(f"demo_world: {len(problems)} held-out problems, budget {args.n} generations per problem, "
+    print(f"demo_world: {len(problems)} {args.split} problems, budget {args.n} generations per problem, "
           f"policy {args.policy}, value model {args.value_model}", flush=True)
     policy = PolicyEngine(EngineConfig(model=args.policy, kv_cache_gib=0.25, max_model_len=256, seed=args.seed))
     value = make_value_scorer(args.value_model, backend="vllm", tokenizer=args.policy, kv_cache_gib=0.25,
@@ -219,20 +236,20 @@ def evaluate(args) -> int:
     curve = budget_curve(samp, SearchConfig(method="weighted_majority", n=args.n))
     vgs_points = [(k, 100 * sum(r["metrics"]["wmaj"] for r in runs[f"vgs{k}"]) / len(problems)) for k in budgets(args.n)]
     png = os.path.join(out, "accuracy_vs_budget.png")
-    plot(curve, vgs_points, png)
+    plot(curve, vgs_points, png, args.split)
     print(f"\nplot: {png}")
 
     d_vgs = paired([r["metrics"]["wmaj"] for r in vgs], [r["metrics"]["maj"] for r in samp])
     d_wmv = paired([r["metrics"]["wmaj"] for r in samp], [r["metrics"]["maj"] for r in samp])
     print(f"total time {time.time() - t_start:.0f} s")
     print(f"vgs_minus_majority_accuracy: {d_vgs[0]:+.1f} (95% CI ± {d_vgs[1]:.1f} pp, paired over {len(problems)} "
-          f"held-out problems, budget {args.n})")
+          f"{args.split} problems, budget {args.n})")
     print(f"wmv_minus_majority_accuracy: {d_wmv[0]:+.1f} (95% CI ± {d_wmv[1]:.1f} pp, paired over {len(problems)} "
-          f"held-out problems, budget {args.n})")
+          f"{args.split} problems, budget {args.n})")
     return 0
 
 
-def plot(curve, vgs_points: list[tuple[int, float]], path: str) -> None:
+def plot(curve, vgs_points: list[tuple[int, float]], path: str, split: str = "heldout") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +264,7 @@ def plot(curve, vgs_points: list[tuple[int, float]], path: str) -> None:
     ax.plot([k for k, _ in vgs_points], [a for _, a in vgs_points], marker="s", label="VGS (DVTS)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("generations per problem (budget)")
-    ax.set_ylabel("accuracy (%), held-out split")
+    ax.set_ylabel(f"accuracy (%), {'held-out' if split == 'heldout' else split} split")
     ax.set_title("demo world")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -30,6 +30,8 @@ class PolicyConfig:
     train_problems: int = 20000
     seed: int = 0
     threads: int = 0  # torch threads; 0 = torch's default
+    errors: bool = True  # train on error-model traces (the policy); False: on correct solutions
+    init: str | None = None  # start from this causal LM (same tokenizer) instead of random weights
 
 
 def qwen2_config(cfg: PolicyConfig, tok):
@@ -43,12 +45,14 @@ def qwen2_config(cfg: PolicyConfig, tok):
                        tie_word_embeddings=False, use_sliding_window=False, torch_dtype="float32")
 
 
-def _example(tok, chain: task.Chain, rng: random.Random) -> tuple[list[int], int]:
-    """Token ids of prompt + sampled solution + EOS, and the prompt length."""
+def _example(tok, chain: task.Chain, rng: random.Random, errors: bool = True) -> tuple[list[int], int]:
+    """Token ids of prompt + solution (sampled from the error model, or the correct one) + EOS,
+    and the prompt length."""
     from vgs.prompts import prompt_ids
 
     prompt = prompt_ids(tok, chain.text)
-    sol = tok(task.solution(chain, rng), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    text = task.solution(chain, rng if errors else None)
+    sol = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return prompt + sol, len(prompt)
 
 
@@ -66,7 +70,10 @@ def train_policy(out_dir: str, cfg: PolicyConfig = PolicyConfig(), progress: boo
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tok = build_tokenizer(tmp)
-    model = Qwen2ForCausalLM(qwen2_config(cfg, tok)).float().train()
+    if cfg.init:
+        model = Qwen2ForCausalLM.from_pretrained(cfg.init, dtype=torch.float32).train()
+    else:
+        model = Qwen2ForCausalLM(qwen2_config(cfg, tok)).float().train()
     chains = [task.parse(p.problem) for p in task.make_split("train", cfg.train_problems, cfg.seed)]
     rng = random.Random(cfg.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -79,10 +86,10 @@ def train_policy(out_dir: str, cfg: PolicyConfig = PolicyConfig(), progress: boo
             return cfg.lr * (step + 1) / cfg.warmup
         return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
 
-    bar = tqdm(range(cfg.steps), desc="policy SFT", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc="policy SFT" if cfg.errors else "checker LM SFT", disable=not progress, dynamic_ncols=True)
     ema = None
     for step in bar:
-        batch = [_example(tok, rng.choice(chains), rng) for _ in range(cfg.batch_size)]
+        batch = [_example(tok, rng.choice(chains), rng, cfg.errors) for _ in range(cfg.batch_size)]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -108,3 +115,39 @@ def train_policy(out_dir: str, cfg: PolicyConfig = PolicyConfig(), progress: boo
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def deepen(src: str, dst: str, extra_layers: int, seed: int = 0) -> str:
+    """Copy the causal LM at `src` into `dst` with `extra_layers` more decoder layers on top,
+    each initialised as the identity (attention and MLP output projections zero), so the
+    deeper model computes exactly what `src` computes until training moves it.
+
+    Why (the value model's init): checking a step from outcome labels takes more hops than the
+    3-layer policy has (gather the operands, compare the written result with the right one,
+    then carry "a step was wrong" to every later token), and starting from the policy keeps
+    what it knows about the arithmetic."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    base = Qwen2ForCausalLM.from_pretrained(src, dtype=torch.float32)
+    cfg = base.config
+    cfg.num_hidden_layers = cfg.num_hidden_layers + extra_layers
+    cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
+    deep = Qwen2ForCausalLM(cfg).float()
+    missing, unexpected = deep.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("model.layers.") for k in missing):
+        raise RuntimeError(f"deepen: unexpected weights {unexpected} / missing {missing}")
+    with torch.no_grad():
+        for layer in deep.model.layers[-extra_layers:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    deep.save_pretrained(tmp)
+    for name in os.listdir(src):
+        if name.startswith(("tokenizer", "chat_template", "generation_config", "special_tokens")):
+            shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst

@@ -51,6 +51,26 @@ def test_tokenizer_round_trip_and_step_blocks():
     assert extract_answer(decode(tok, ids + sol_ids + [tok.eos_token_id])) == p.answer
 
 
+def test_deepen_starts_as_the_same_model_and_checker_traces_are_correct(tmp_path):
+    """`policy.deepen` (a deeper value-model init) computes exactly what its source does until
+    trained; `errors=False` trains on the correct solutions (the checker LM of docs/demo_world.md)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from benchmarks.demo_world.policy import _example, deepen
+
+    deepen(str(POLICY_DIR), str(tmp_path / "deep"), 2)
+    src = Qwen2ForCausalLM.from_pretrained(str(POLICY_DIR))
+    deep = Qwen2ForCausalLM.from_pretrained(str(tmp_path / "deep"))
+    assert deep.config.num_hidden_layers == src.config.num_hidden_layers + 2
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "deep"))
+    chain = task.parse(task.make_split("train", 1, seed=0)[0].problem)
+    ids, plen = _example(tok, chain, random.Random(0), errors=False)
+    with torch.no_grad():
+        assert torch.equal(src(torch.tensor([ids])).logits, deep(torch.tensor([ids])).logits)
+    assert tok.decode(ids[plen:-1]) == task.solution(chain)
+
+
 @pytest.fixture(scope="module")
 def demo_engines():
     """The shipped pair behind the real engines: vLLM policy, transformers value scorer (no

@@ -1,16 +1,10 @@
 """Build the demo pair from scratch: `python -m benchmarks.demo_world.build [--force]`.
 
 1. policy: `policy.train_policy` (plain PyTorch SFT on error-model traces of train problems);
-2. value init: the policy with `value_extra_layers` more decoder layers on top, each the
-   identity at first (`policy.deepen`). Why: initialised from the 3-layer policy itself, the
-   value model stayed near chance (validation AUC ~0.6 after 600 steps on 32k rows, while a
-   logistic regression on the rows' step 4-grams reaches 0.91): checking a step from
-   outcome labels takes more hops than the policy has (gather the operands, compare the
-   written result with the right one, carry "a step was wrong" to every later token);
-3. data: `vgs collect` (the real CLI, through vLLM) rolls in/out the policy on a fixed set of
+2. data: `vgs collect` (the real CLI, through vLLM) rolls in/out the policy on a fixed set of
    train problems; labels come from the project's grader;
-4. value model: `python -m value_models.train` (the project's trainer, single process, one
-   thread: fastest for this tiny model on a busy 2-core machine) initialised from (2);
+3. value model: `python -m value_models.train` (the project's trainer, single process)
+   initialised from the policy;
 4. the finished models are copied into `benchmarks/demo_world/models/{policy,value}` (the
    value model without its optimizer state) with `models/BUILD.json` (settings, validation
    metrics, seconds per stage).
@@ -32,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from benchmarks.demo_world import MODELS_DIR, POLICY_DIR, VALUE_DIR, task
-from benchmarks.demo_world.policy import PolicyConfig, deepen, train_policy
+from benchmarks.demo_world.policy import PolicyConfig, train_policy
 from benchmarks.local_files import REPO
 
 COLLECT_SEED = 1  # the collection's problems: a train split of their own seed
@@ -42,25 +36,20 @@ COLLECT_SEED = 1  # the collection's problems: a train split of their own seed
 class BuildConfig:
     work: str = str(REPO / ".cache" / "demo_world" / "build")
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    value_extra_layers: int = 3
     collect_problems: int = 600
     samples_per_problem: int = 4
     roll_outs: int = 2
     max_tokens: int = 48
     temperature: float = 1.0
-    value_steps: int = 600
+    value_epochs: float = 2.0
     value_batch_size: int = 64
-    value_lr: float = 3e-4
-    value_dropout: float = 0.0
-    value_threads: int = 1
+    value_lr: float = 1e-3
     seed: int = 0
 
 
-def _run(cmd: list[str], threads: int = 0) -> None:
+def _run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     rc = subprocess.call(cmd, env=env, cwd=str(REPO))
@@ -79,9 +68,8 @@ def collect_command(cfg: BuildConfig, policy: str, problems: str, out: str) -> l
 def train_command(cfg: BuildConfig, policy: str, data: str, out: str) -> list[str]:
     return [sys.executable, "-m", "value_models.train", "--data", data, "--init", policy, "--out", out,
             "--batch-size", str(cfg.value_batch_size), "--micro-batch-size", str(cfg.value_batch_size),
-            "--steps", str(cfg.value_steps), "--lr", str(cfg.value_lr), "--dropout", str(cfg.value_dropout),
-            "--eps", "1e-8", "--max-length", "128", "--val-fraction", "0.03", "--eval-every", "100",
-            "--log-every", "20", "--seed", str(cfg.seed)]
+            "--epochs", str(cfg.value_epochs), "--lr", str(cfg.value_lr), "--max-length", "128",
+            "--val-fraction", "0.05", "--eval-every", "100", "--log-every", "10", "--seed", str(cfg.seed)]
 
 
 def build(cfg: BuildConfig, force: bool = False) -> dict:
@@ -93,15 +81,9 @@ def build(cfg: BuildConfig, force: bool = False) -> dict:
     policy = os.path.join(cfg.work, "policy")
     t = time.time()
     if not os.path.exists(os.path.join(policy, "model.safetensors")):
-        print(f"[build] 1/4 policy SFT ({cfg.policy.steps} steps x {cfg.policy.batch_size})", flush=True)
+        print(f"[build] 1/3 policy SFT ({cfg.policy.steps} steps x {cfg.policy.batch_size})", flush=True)
         train_policy(policy, cfg.policy)
     seconds["policy"] = round(time.time() - t, 1)
-    init = os.path.join(cfg.work, "value_init")
-    t = time.time()
-    if not os.path.exists(os.path.join(init, "model.safetensors")):
-        print(f"[build] 2/4 value init: the policy + {cfg.value_extra_layers} identity layers", flush=True)
-        deepen(policy, init, cfg.value_extra_layers, cfg.seed)
-    seconds["value_init"] = round(time.time() - t, 1)
 
     problems = os.path.join(cfg.work, "collect_problems.jsonl")
     with open(problems + ".tmp", "w") as f:
@@ -110,16 +92,15 @@ def build(cfg: BuildConfig, force: bool = False) -> dict:
     os.replace(problems + ".tmp", problems)
     data = os.path.join(cfg.work, "collect")
     t = time.time()
-    print("[build] 3/4 vgs collect (roll-ins / roll-outs through vLLM, grader labels)", flush=True)
+    print("[build] 2/3 vgs collect (roll-ins / roll-outs through vLLM, grader labels)", flush=True)
     _run(collect_command(cfg, policy, problems, data))
     seconds["collect"] = round(time.time() - t, 1)
 
     run = os.path.join(cfg.work, "value")
     t = time.time()
     if not os.path.exists(os.path.join(run, "final")):
-        print("[build] 4/4 value model: value_models.train", flush=True)
-        _run(train_command(cfg, init, data, run) + (["--resume"] if os.path.isdir(run) else []),
-             threads=cfg.value_threads)
+        print("[build] 3/3 value model: value_models.train", flush=True)
+        _run(train_command(cfg, policy, data, run) + (["--resume"] if os.path.isdir(run) else []))
     seconds["value"] = round(time.time() - t, 1)
 
     # ship: models/policy, models/value (no optimizer state), BUILD.json

@@ -3,6 +3,10 @@ unchanged) trained by plain PyTorch SFT on step-by-step traces sampled from the 
 model (`task.solution(chain, rng)`), so it learns to make the same random and systematic step
 errors. Loss on the assistant tokens only (solution + EOS); the data is generated on the fly
 from the train split, with a fixed seed.
+
+Also here, for the value-model experiments of docs/demo_world.md: `PolicyConfig(errors=False,
+init=...)` fine-tunes a model on the *correct* solutions (a "checker" LM that knows every
+fact), and `deepen` adds identity-initialised layers on top of a model.
 """
 
 from __future__ import annotations

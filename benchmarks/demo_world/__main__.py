@@ -86,7 +86,8 @@ def run_method(name: str, search, problems, engines, sampling, out_dir: str, see
                     r["search"] = asdict(search)
                 results.append(rows)
                 bar.update(len(chunk))
-    by_id = {r["problem_id"]: r for r in results.rows}
+    wanted = {p.id for p in problems}
+    by_id = {r["problem_id"]: r for r in results.iter_rows() if r["problem_id"] in wanted}
     return [by_id[p.id] for p in problems]
 
 

@@ -1,0 +1,46 @@
+"""Small-CPU settings for vLLM (`vgs.cpu_tuning`): thread binding and queue waiting."""
+
+from __future__ import annotations
+
+import os
+
+from vgs import cpu_tuning
+
+
+def test_thread_binding_only_on_small_cpus_and_never_over_the_user(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(cpu_tuning, "usable_cores", lambda: 64)
+    cpu_tuning.cpu_thread_binding()
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    monkeypatch.setattr(cpu_tuning, "usable_cores", lambda: 2)
+    cpu_tuning.cpu_thread_binding()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    cpu_tuning.cpu_thread_binding()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+
+
+def test_queue_readers_sleep_instead_of_spinning(monkeypatch, tmp_path):
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    monkeypatch.setattr(SpinCondition, "__init__", SpinCondition.__init__)  # restored after the test
+    monkeypatch.setattr(SpinCondition, "_vgs_no_busy_wait", False, raising=False)
+    monkeypatch.delenv("VGS_CPU_BUSY_WAIT", raising=False)
+    monkeypatch.setattr(cpu_tuning, "small_cpu", lambda: True)
+    ctx = zmq.Context()
+    try:
+        addr = f"ipc://{tmp_path}/notify"
+        writer = SpinCondition(is_reader=False, context=ctx, notify_address=addr)
+        spinning = SpinCondition(is_reader=True, context=ctx, notify_address=addr)
+        assert spinning.busy_loop_s == 1  # vLLM's default
+        cpu_tuning.no_busy_wait()
+        cpu_tuning.no_busy_wait()  # idempotent
+        reader = SpinCondition(is_reader=True, context=ctx, notify_address=addr)
+        assert reader.busy_loop_s == 0
+        for s in (writer.local_notify_socket, spinning.local_notify_socket, reader.local_notify_socket,
+                  spinning.read_cancel_socket, spinning.write_cancel_socket, reader.read_cancel_socket,
+                  reader.write_cancel_socket):
+            s.close(linger=0)
+    finally:
+        ctx.term()

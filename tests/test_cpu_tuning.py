@@ -1,23 +1,8 @@
-"""Small-CPU settings for vLLM (`vgs.cpu_tuning`): thread binding and queue waiting."""
+"""Small-CPU settings for vLLM (`vgs.cpu_tuning`): queue readers sleep instead of spinning."""
 
 from __future__ import annotations
 
-import os
-
 from vgs import cpu_tuning
-
-
-def test_thread_binding_only_on_small_cpus_and_never_over_the_user(monkeypatch):
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr(cpu_tuning, "usable_cores", lambda: 64)
-    cpu_tuning.cpu_thread_binding()
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
-    monkeypatch.setattr(cpu_tuning, "usable_cores", lambda: 2)
-    cpu_tuning.cpu_thread_binding()
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-    cpu_tuning.cpu_thread_binding()
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
 
 
 def test_queue_readers_sleep_instead_of_spinning(monkeypatch, tmp_path):

@@ -1,31 +1,27 @@
-"""vLLM on a small CPU: where the compute threads run and how vLLM's processes wait.
+"""vLLM on a small CPU: how vLLM's processes wait for each other.
 
 vgs runs two vLLM engines in one process (policy and value model); each is an engine-core
-process (scheduler) plus a worker process (the model). vLLM's CPU defaults assume one engine
-on a large machine, and on a small one (this project's 2-core CI box) they waste half of it:
+process (scheduler) plus a worker process (the model). The scheduler waits for its worker's
+result (and the worker for the next step) by spinning on `sched_yield` over shared memory
+for up to a second after each message. A py-spy profile of 16 concurrent VGS requests on the
+2-core CI box showed the policy scheduler spinning 98% of the time while its worker
+computed: one of the two cores went to waiting. `no_busy_wait()` makes those readers sleep on
+the queue's existing ZeroMQ notification instead (vLLM's own idle path), at the cost of one
+wake-up per step (tens of µs). Measured side by side on the tiny pair: sequential decoding
+103 -> 109 tokens/s, a 64-sequence batch 246 -> 251 tokens/s (within noise), and a core
+freed for everything else on the machine.
 
-- Thread binding: vLLM's auto binding keeps one core per engine for the scheduler and pins
-  the worker's OpenMP threads to the others. Both engines got the same cores: on 2 cores
-  both workers ran one thread each, pinned to core 0, while core 1 held only the schedulers.
-  `cpu_thread_binding()` asks for `nobind` instead: one thread per core in each worker, and
-  the OS shares the cores between whichever engine has work.
-- Busy waiting: the scheduler waits for its worker's result (and the worker for the next
-  step) by spinning on `sched_yield` over shared memory for up to a second after each
-  message, so under load a scheduler burns a whole core while its worker computes.
-  `no_busy_wait()` makes those readers sleep on the queue's existing ZeroMQ notification
-  instead (vLLM's own idle path), at the cost of one wake-up per step (tens of µs).
+What did not help: `VLLM_CPU_OMP_THREADS_BIND=nobind` (two OpenMP threads per worker instead
+of vLLM's one pinned thread on a 2-core box) made decoding 1.3-10x slower on the shared
+machine: OpenMP barriers stall whenever a thread is descheduled. vLLM's binding stays.
 
-Both apply only with at most `SMALL_CPU_CORES` usable cores, and never override an
-explicit VLLM_CPU_OMP_THREADS_BIND / VGS_CPU_BUSY_WAIT=1. Measured by
-`benchmarks/server_load.py` (README, "Speed").
+Applies only with at most `SMALL_CPU_CORES` usable cores and no GPU; `VGS_CPU_BUSY_WAIT=1`
+restores spinning.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-
-log = logging.getLogger(__name__)
 
 SMALL_CPU_CORES = 4
 
@@ -47,12 +43,6 @@ def small_cpu() -> bool:
         return not torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return True
-
-
-def cpu_thread_binding() -> None:
-    """Before an engine starts (in the user's process): `nobind` on a small CPU."""
-    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and usable_cores() <= SMALL_CPU_CORES:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
 
 
 def no_busy_wait() -> None:

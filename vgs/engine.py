@@ -139,10 +139,6 @@ def model_max_len(model: str) -> int:
 def vllm_engine_kwargs(cfg: EngineConfig, generate: bool = True) -> dict[str, Any]:
     """EngineArgs shared by the policy and value engines (`generate=False`), with CPU defaults."""
     cpu = on_cpu()
-    if cpu:
-        from vgs.cpu_tuning import cpu_thread_binding
-
-        cpu_thread_binding()  # before the engine's processes start (they inherit it)
     kw: dict[str, Any] = dict(
         model=cfg.model,
         tokenizer=cfg.tokenizer or cfg.model,

@@ -173,7 +173,7 @@ def test_plain_streaming_sends_token_deltas(client, server, policy_engine):
 
 def test_qsharp_guidance_failure_is_a_per_request_error(tiny_policy, tiny_value):
     """A Q# request the worker cannot guide (its value-model KV does not fit the guidance
-    budget: 4 usable 64-token pages, a 300-token prompt) gets a 503 with an OpenAI-style body;
+    budget: 5 pages of 64 tokens, a 600-token prompt) gets a 503 with an OpenAI-style body;
     the server keeps serving, and guides a request that fits."""
     from vgs.config import EngineConfig
     from vgs.engine import PolicyEngine
@@ -188,7 +188,7 @@ def test_qsharp_guidance_failure_is_a_per_request_error(tiny_policy, tiny_value)
     url = f"http://127.0.0.1:{handle.port}/v1/completions"
     search = {"method": "qsharp", "n": 1, "eta": 0.5, "top_k": 4}
     try:
-        r = httpx.post(url, json={"prompt": "word " * 300, "max_tokens": 8, "seed": 0, "search": search}, timeout=120)
+        r = httpx.post(url, json={"prompt": "word " * 600, "max_tokens": 8, "seed": 0, "search": search}, timeout=120)
         assert r.status_code == 503, r.text
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["code"] == "search_failed"

@@ -11,7 +11,7 @@ def test_queue_readers_sleep_instead_of_spinning(monkeypatch, tmp_path):
 
     monkeypatch.setattr(SpinCondition, "__init__", SpinCondition.__init__)  # restored after the test
     monkeypatch.setattr(SpinCondition, "_vgs_no_busy_wait", False, raising=False)
-    monkeypatch.delenv("VGS_CPU_BUSY_WAIT", raising=False)
+    monkeypatch.setenv("VGS_CPU_BUSY_WAIT", "0")
     monkeypatch.setattr(cpu_tuning, "small_cpu", lambda: True)
     ctx = zmq.Context()
     try:

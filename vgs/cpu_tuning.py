@@ -15,8 +15,9 @@ What did not help: `VLLM_CPU_OMP_THREADS_BIND=nobind` (two OpenMP threads per wo
 of vLLM's one pinned thread on a 2-core box) made decoding 1.3-10x slower on the shared
 machine: OpenMP barriers stall whenever a thread is descheduled. vLLM's binding stays.
 
-Applies only with at most `SMALL_CPU_CORES` usable cores and no GPU; `VGS_CPU_BUSY_WAIT=1`
-restores spinning.
+Opt-in (`VGS_CPU_BUSY_WAIT=0`), and only with at most `SMALL_CPU_CORES` usable cores and no
+GPU: the measured gain is within noise, and a slow low-batch test under heavy machine load was
+not ruled out as a side effect, so vLLM's default stays until it is measured on an idle box.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def small_cpu() -> bool:
 
 
 def no_busy_wait() -> None:
-    """In every vLLM process (through the vgs vLLM plugin): shared-memory queue readers
-    sleep until notified instead of spinning, on a small CPU."""
-    if os.environ.get("VGS_CPU_BUSY_WAIT") == "1" or not small_cpu():
+    """In every vLLM process (through the vgs vLLM plugin): with VGS_CPU_BUSY_WAIT=0 on a
+    small CPU, shared-memory queue readers sleep until notified instead of spinning."""
+    if os.environ.get("VGS_CPU_BUSY_WAIT", "1") != "0" or not small_cpu():
         return
     try:
         from vllm.distributed.device_communicators import shm_broadcast

@@ -1,10 +1,16 @@
 """Server throughput under concurrency: 16 VGS requests at once vs the same 16 one at a time.
 
     python -m benchmarks.server_load [--requests 16 --layers 2 --hidden 128]
+    python -m benchmarks.server_load --models demo
 
-One `vgs serve` app (in this process, on 127.0.0.1) over a tiny policy and value model (real
-vocabulary, head size 64). Each request is a chat completion of a real AIME 2024 problem
-with `search = {"method": "vgs", "budget": 4, "beam_width": 2, "block_size": 32}`,
+One `vgs serve` app (in this process, on 127.0.0.1) over a tiny policy and value model.
+`--models tiny` (default): random-weight models with the real 152k-entry vocabulary (head
+size 64), each request a chat completion of a real AIME 2024 problem. `--models demo`: the
+demo-world pair (`benchmarks/demo_world/models`, a Qwen2 policy and value model with their
+own 384-entry vocabulary and 256-token context), each request a held-out demo-world problem;
+on a CPU the 152k-entry LM head and sampler dominate the per-token cost of the tiny pair,
+which caps what batching can save, and the demo pair shows the server without that cap.
+Every request is sent with `search = {"method": "vgs", "budget": 4, "beam_width": 2, "block_size": 32}`,
 `max_tokens = 128`, temperature 1 and top-p 1 (top-p < 1 sorts the 152k-entry vocabulary for
 every token, a per-token cost on CPU that would hide what batching saves), sent over HTTP by
 client threads. Both arms send the same requests (same
@@ -29,6 +35,8 @@ quiet_engines()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", choices=("tiny", "demo"), default="tiny",
+                    help="tiny: random models, real 152k vocabulary, AIME prompts; demo: the demo-world pair")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
@@ -48,18 +56,29 @@ def main() -> None:
     from vgs.server import build_state, start_server
     from vgs.tiny import make_tiny
 
-    tmp = Path(tempfile.mkdtemp(prefix="vgs-bench-"))
-    policy_dir = make_tiny("policy", args.tokenizer, str(tmp / "policy"), layers=args.layers, hidden=args.hidden, seed=0)
-    value_dir = make_tiny("value", args.tokenizer, str(tmp / "value"), layers=args.layers, hidden=args.hidden, seed=1)
-    engines = build_engines(EngineConfig(model=policy_dir, tokenizer=args.tokenizer, kv_cache_gib=1.0,
-                                         max_model_len=2048),
+    if args.models == "demo":
+        from benchmarks.demo_world import task
+
+        models = Path(__file__).parent / "demo_world" / "models"
+        policy_dir, value_dir, tokenizer, context = str(models / "policy"), str(models / "value"), str(models / "policy"), 256
+        texts = [p.problem for p in task.make_split("heldout", args.requests, seed=0)]
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="vgs-bench-"))
+        policy_dir = make_tiny("policy", args.tokenizer, str(tmp / "policy"), layers=args.layers, hidden=args.hidden,
+                               seed=0)
+        value_dir = make_tiny("value", args.tokenizer, str(tmp / "value"), layers=args.layers, hidden=args.hidden,
+                              seed=1)
+        tokenizer, context = args.tokenizer, 2048
+        problems = load_benchmark("aime24", args.data_dir)
+        texts = [problems[i % len(problems)].problem for i in range(args.requests)]
+    engines = build_engines(EngineConfig(model=policy_dir, tokenizer=tokenizer, kv_cache_gib=1.0,
+                                         max_model_len=context),
                             value_dir, needs_scorer=True,
-                            value_engine={"kv_cache_gib": 1.0, "max_model_len": 2048})
+                            value_engine={"kv_cache_gib": 1.0, "max_model_len": context})
     state = build_state(engines, "tiny", max_budget=64, max_sequences=256)
     handle = start_server(state)
     url = f"http://127.0.0.1:{handle.port}/v1/chat/completions"
-    problems = load_benchmark("aime24", args.data_dir)
-    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": problems[i % len(problems)].problem}],
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": texts[i]}],
                "max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": i,
                "search": {"method": "vgs", "budget": 4, "beam_width": 2, "block_size": 32}}
               for i in range(args.requests)]
@@ -96,7 +115,7 @@ def main() -> None:
     for name, res, wall in (("sequential", seq, seq_wall), ("concurrent", conc, conc_wall)):
         lat = np.array([r[0] for r in res])
         toks = sum(r[1] for r in res)
-        rows.append({"arm": name, "requests": len(res), "generated_tokens": toks, "wall_s": round(wall, 2),
+        rows.append({"models": args.models, "arm": name, "requests": len(res), "generated_tokens": toks, "wall_s": round(wall, 2),
                      "tokens_per_s": round(toks / wall, 1), "p50_latency_s": round(float(np.percentile(lat, 50)), 3),
                      "p95_latency_s": round(float(np.percentile(lat, 95)), 3)})
     table = pd.DataFrame(rows)

@@ -140,6 +140,69 @@ def test_streaming_vgs_progress_then_completion(client):
     assert plain[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_plain_streaming_sends_token_deltas(client, server, policy_engine):
+    """Plain sampling streams text as tokens are made: several content chunks per choice,
+    which concatenate to the non-streamed text of the same seeded request (CPU: same tokens)."""
+    kw = dict(model="tiny", prompt="Count:", max_tokens=24, n=2, seed=7, temperature=1.0)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    for i in range(2):
+        pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i and c.choices[0].text]
+        assert len(pieces) > 1, pieces
+        assert "".join(pieces) == full.choices[i].text
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].index == i
+                    and c.choices[0].finish_reason]
+        assert finishes == [full.choices[i].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    chat_kw = dict(model="tiny", messages=[{"role": "user", "content": "Count"}], max_tokens=16, seed=3)
+    whole = client.chat.completions.create(**chat_kw).choices[0].message.content
+    deltas = [c.choices[0].delta.content for c in client.chat.completions.create(**chat_kw, stream=True)
+              if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas) == whole
+    # closing a plain stream mid-generation aborts the request and frees its sequences
+    url, state = server
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "go", "max_tokens": 3000, "stream": True,
+                                                             "temperature": 1.0},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        assert r.status_code == 200 and next(ln for ln in r.iter_lines() if ln.startswith("data:"))
+    deadline = time.time() + 10
+    while (policy_engine.num_running or state.admission.in_use) and time.time() < deadline:
+        time.sleep(0.05)
+    assert policy_engine.num_running == 0 and state.admission.in_use == 0
+
+
+def test_qsharp_guidance_failure_is_a_per_request_error(tiny_policy, tiny_value):
+    """A Q# request the worker cannot guide (its value-model KV does not fit the guidance
+    budget: 5 pages of 64 tokens, a 600-token prompt) gets a 503 with an OpenAI-style body;
+    the server keeps serving, and guides a request that fits."""
+    from vgs.config import EngineConfig
+    from vgs.engine import PolicyEngine
+    from vgs.search import Engines
+    from vgs.server import build_state, start_server
+
+    page_bytes = 2 * 2 * 1 * 64 * 64 * 4  # layers x (k, v) x kv heads x page x head dim x fp32
+    engine = PolicyEngine(EngineConfig(model=tiny_policy, kv_cache_gib=0.25, max_model_len=1024,
+                                       guidance_kv_gib=5 * page_bytes / 2**30))
+    state = build_state(Engines(engine, None, tiny_value), "tiny", max_budget=4)
+    handle = start_server(state)
+    url = f"http://127.0.0.1:{handle.port}/v1/completions"
+    search = {"method": "qsharp", "n": 1, "eta": 0.5, "top_k": 4}
+    try:
+        r = httpx.post(url, json={"prompt": "word " * 600, "max_tokens": 8, "seed": 0, "search": search}, timeout=120)
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "search_failed"
+        assert "guidance KV budget exhausted" in err["message"] and "Traceback" not in r.text
+        ok = httpx.post(url, json={"prompt": "1+1=", "max_tokens": 8, "seed": 0, "search": search}, timeout=120)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["vgs"]["compute"]["value_tokens"] > 0
+        assert httpx.post(url, json={"prompt": "ok", "max_tokens": 3}, timeout=60).status_code == 200
+    finally:
+        handle.stop()
+        state.grader.close()
+        engine.close()
+
+
 def test_auth(server):
     url, _ = server
     bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, AsyncIterator, Iterable, Protocol, Sequence
 
 from vgs.config import EngineConfig, SamplingConfig
 from vgs.errors import VGSError
@@ -56,6 +56,16 @@ class GenSample:
     def stopped(self) -> bool:
         """Ended on EOS / a stop token (decided by vLLM, never by peeking at the last id)."""
         return self.finish_reason == "stop"
+
+
+@dataclass
+class GenDelta:
+    """A streamed piece of one sample (`PolicyEngine.astream`)."""
+
+    index: int  # which of the request's n samples
+    token_ids: list[int]  # new tokens since the previous delta of this sample
+    finish_reason: str | None  # set on the sample's last delta
+    prefill_tokens: int = 0  # prompt tokens prefilled (prompt minus cache hits), on one delta only
 
 
 class PolicyBackend(Protocol):
@@ -260,7 +270,7 @@ class PolicyEngine:
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True})
         return bool(await self.llm.reset_prefix_cache())
 
-    def sampling_params(self, req: GenRequest, sampling: SamplingConfig) -> Any:
+    def sampling_params(self, req: GenRequest, sampling: SamplingConfig, delta: bool = False) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -276,7 +286,7 @@ class PolicyEngine:
             skip_special_tokens=False,
             logprobs=req.logprobs,
             extra_args=req.extra_args,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
@@ -306,6 +316,35 @@ class PolicyEngine:
             raise VGSError(f"request rejected by the engine: {exc}") from exc
         assert final is not None
         return _samples(final, len(request.prompt_ids))
+
+    async def astream(self, request: GenRequest, sampling: SamplingConfig) -> AsyncIterator[GenDelta]:
+        """One vLLM request, streamed: the new token ids of each sample as the engine makes
+        them (vLLM's DELTA outputs), the last delta of a sample carrying its finish reason.
+        Same seed, same tokens as `agenerate`. Closing or cancelling the iterator aborts the
+        request inside vLLM."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise VGSError("the policy engine is closed")
+        self.check_length(len(request.prompt_ids), request.max_tokens)
+        prompt_len = len(request.prompt_ids)
+        counted = False
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
+                                               self.sampling_params(request, sampling, delta=True),
+                                               request_id=uuid.uuid4().hex):
+                cached = getattr(out, "num_cached_tokens", None)
+                for o in out.outputs:
+                    prefill = 0
+                    if not counted and cached is not None:
+                        prefill, counted = max(0, prompt_len - int(cached)), True
+                    fr = str(o.finish_reason) if o.finish_reason is not None else None
+                    yield GenDelta(int(o.index), list(o.token_ids), fr, prefill)
+        except VLLMValidationError as exc:
+            raise VGSError(f"request rejected by the engine: {exc}") from exc
+        except ValueError as exc:
+            raise VGSError(f"request rejected by the engine: {exc}") from exc
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[GenSample]]:

@@ -30,7 +30,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vgs.config import SamplingConfig, SearchConfig, search_config_from_dict
+from vgs.engine import GenRequest
 from vgs.errors import VGSError
+from vgs.records import Compute
 from vgs.runtime import Admission, Busy
 from vgs.search import Engines, SearchEvents, check_engines, search
 from vgs.search.methods import get_method
@@ -294,6 +296,9 @@ class Runner:
         finally:
             st.admission.release(w)
             self._gauges()
+        if result.error:  # the search could not finish (e.g. Q# guidance memory): this request fails alone
+            raise APIError(503, f"the {job.search.method} search could not finish: {result.error}",
+                           "service_unavailable_error", None, "search_failed", {"Retry-After": "1"})
         result = await asyncio.to_thread(_finalize, st, job, result)
         st.metrics.latency.labels(job.search.method).observe(time.monotonic() - t0)
         st.metrics.generated.inc(result.compute.policy_tokens)
@@ -335,6 +340,10 @@ class Runner:
                 body.update(extra)
             return f"data: {json.dumps(body)}\n\n"
 
+        if job.plain:
+            async for piece in self._stream_plain(chunk, rid, obj, created):
+                yield piece
+            return
         run = asyncio.ensure_future(self.run())
         try:
             if chat:
@@ -351,15 +360,7 @@ class Runner:
             try:
                 result = run.result()
             except Exception as exc:  # noqa: BLE001 - reported in the stream, as vLLM's server does
-                if isinstance(exc, APIError):
-                    err = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
-                elif isinstance(exc, VGSError):
-                    err = {"message": str(exc), "type": "invalid_request_error", "param": exc.param, "code": None}
-                else:
-                    log.error("search failed: %r", exc)
-                    err = {"message": f"internal error: {exc.__class__.__name__}", "type": "internal_error",
-                           "param": None, "code": None}
-                yield "data: " + json.dumps({"error": err}) + "\n\n"
+                yield _error_event(exc)
                 yield "data: [DONE]\n\n"
                 return
             for i, ch in enumerate(_choices(st, job, result)):
@@ -374,6 +375,104 @@ class Runner:
             if not run.done():
                 run.cancel()  # the client went away mid-stream: abort the search
                 await asyncio.gather(run, return_exceptions=True)
+
+
+    async def _produce(self, queue: asyncio.Queue) -> Compute:
+        """Admit, then stream the policy's deltas into `queue` (plain sampling)."""
+        st, job = self.state, self.job
+        w = await self.admit()
+        comp = Compute(policy_params=st.engines.policy.num_params)
+        try:
+            req = GenRequest(list(job.prompt), job.sampling.max_tokens, n=job.search.n, seed=job.sampling.seed)
+            async for d in st.engines.policy.astream(req, job.sampling):
+                comp.policy_tokens += len(d.token_ids)
+                comp.prefill_tokens += d.prefill_tokens
+                queue.put_nowait(d)
+        finally:
+            st.admission.release(w)
+            self._gauges()
+        return comp
+
+    async def _stream_plain(self, chunk: Any, rid: str, obj: str, created: int) -> AsyncIterator[str]:
+        """SSE for plain sampling: token deltas as the engine makes them, per choice; the
+        deltas of a choice concatenate to the non-streamed text of the same request."""
+        from vgs.records import SearchResult
+        from vgs.server.textstream import TextStream
+
+        st, job = self.state, self.job
+        chat = job.endpoint == "chat"
+        t0 = time.monotonic()
+        queue: asyncio.Queue = asyncio.Queue()
+        prod = asyncio.ensure_future(self._produce(queue))
+        watcher = asyncio.ensure_future(_watch(self.request, prod, st.request_timeout))
+        texts = [TextStream(st.tokenizer, job.sampling.stop) for _ in range(job.search.n)]
+        try:
+            if chat:
+                for i in range(job.search.n):
+                    yield chunk(i, "", None, role=True)
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                try:
+                    await asyncio.wait({prod, get}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not get.done():
+                        get.cancel()
+                if get.done() and not get.cancelled():
+                    items = [get.result()]
+                elif prod.done():
+                    items = []
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                else:
+                    continue
+                for d in items:
+                    finish = d.finish_reason
+                    text = texts[d.index].feed(d.token_ids, finish is not None)
+                    if text:
+                        yield chunk(d.index, text, None)
+                    if finish is not None:
+                        yield chunk(d.index, None if chat else "", finish if finish in ("stop", "length") else "abort")
+                if prod.done() and queue.empty():
+                    break
+            try:
+                comp = prod.result()
+            except asyncio.CancelledError:
+                timed_out = st.request_timeout is not None and time.monotonic() - t0 > st.request_timeout
+                yield _error_event(APIError(504, f"the request did not finish within --request-timeout "
+                                                 f"{st.request_timeout:g} s; it was cancelled", "timeout_error",
+                                            None, "timeout") if timed_out else
+                                   APIError(499, "client disconnected", "client_closed_request"))
+                yield "data: [DONE]\n\n"
+                return
+            except Exception as exc:  # noqa: BLE001 - reported in the stream
+                yield _error_event(exc)
+                yield "data: [DONE]\n\n"
+                return
+            st.metrics.latency.labels(job.search.method).observe(time.monotonic() - t0)
+            st.metrics.generated.inc(comp.policy_tokens)
+            st.metrics.prefill.inc(comp.prefill_tokens)
+            if job.include_usage:
+                usage = _usage(job, SearchResult([], comp))
+                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': st.model_name, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            if not prod.done():
+                prod.cancel()  # the client went away mid-stream: abort the request
+            await asyncio.gather(prod, watcher, return_exceptions=True)
+
+
+def _error_event(exc: BaseException) -> str:
+    """An SSE error event (as vLLM's server sends) for an error raised after the 200."""
+    if isinstance(exc, APIError):
+        err = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    elif isinstance(exc, VGSError):
+        err = {"message": str(exc), "type": "invalid_request_error", "param": exc.param, "code": None}
+    else:
+        log.error("search failed: %r", exc)
+        err = {"message": f"internal error: {exc.__class__.__name__}", "type": "internal_error",
+               "param": None, "code": None}
+    return "data: " + json.dumps({"error": err}) + "\n\n"
 
 
 # ---------------------------------------------------------------------------- the app

@@ -20,7 +20,6 @@ machine hits both alike). Ends with `vgs_over_sampling_per_token: X`; the goal i
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path

@@ -14,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from value_models.apo import (Batch, apo_sequence_loss, chunked_logprobs, collate, load_vstar, sequence_sums, _module)
+from value_models.apo import apo_sequence_loss, collate, load_vstar, sequence_sums, _module
 from value_models.apo_vstar import v_star, v_star_from_prob
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from value_models.data import (Example, StepSampler, ValueDataset, collate, length_buckets, problems_to_drop,
-                               split_by_problem)
+from value_models.data import Example, StepSampler, ValueDataset, collate, length_buckets, split_by_problem
 from vgs.errors import VGSError
 from value_models.modeling import token_level_loss
 from value_models.train import binary_metrics, lr_at, sequence_losses, TrainConfig

@@ -172,6 +172,20 @@ class _Progress(SearchEvents):
         self.queue.put_nowait({"round": round, "tree": tree, "beams_alive": active, "best_value": best_value})
 
 
+async def next_item(queue: asyncio.Queue, task: asyncio.Future) -> tuple[bool, Any]:
+    """(True, the queue's next item), or (False, None) when `task` finished first. Lets a stream
+    interleave a producer's items with its completion without leaving a pending `get()`."""
+    get = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait({task, get}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not get.done():
+            get.cancel()
+    if get.done() and not get.cancelled():
+        return True, get.result()
+    return False, None
+
+
 async def _watch(request: Request, task: asyncio.Task, timeout: float | None) -> None:
     """Cancel `task` when the client goes away or the timeout passes."""
     start = time.monotonic()
@@ -349,14 +363,9 @@ class Runner:
             if chat:
                 yield chunk(0, "", None, role=True)
             while not run.done():
-                get = asyncio.ensure_future(self.progress.queue.get())
-                try:
-                    await asyncio.wait({run, get}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not get.done():
-                        get.cancel()
-                if get.done() and not get.cancelled():
-                    yield chunk(0, "", None, extra={"vgs": {"progress": get.result()}})
+                got, item = await next_item(self.progress.queue, run)
+                if got:
+                    yield chunk(0, "", None, extra={"vgs": {"progress": item}})
             try:
                 result = run.result()
             except Exception as exc:  # noqa: BLE001 - reported in the stream, as vLLM's server does
@@ -411,14 +420,9 @@ class Runner:
                 for i in range(job.search.n):
                     yield chunk(i, "", None, role=True)
             while True:
-                get = asyncio.ensure_future(queue.get())
-                try:
-                    await asyncio.wait({prod, get}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not get.done():
-                        get.cancel()
-                if get.done() and not get.cancelled():
-                    items = [get.result()]
+                got, item = await next_item(queue, prod)
+                if got:
+                    items = [item]
                 elif prod.done():
                     items = []
                     while not queue.empty():

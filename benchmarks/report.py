@@ -171,9 +171,18 @@ def plot_accuracy_vs_budget(curves: dict, path: str) -> bool:
                 continue
             g = g.sort_values("budget")
             ax.plot(g["budget"], g["accuracy"], marker="o", label=f"{name} {metric}")
+    save_budget_plot(fig, ax, path, "accuracy (%), mean over benchmarks")
+    return True
+
+
+def save_budget_plot(fig, ax, path: str, ylabel: str) -> None:
+    """The axes every accuracy-vs-budget plot shares (log2 budget), then an atomic save, so a
+    reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
     ax.set_xlabel("generations per problem (budget)")
-    ax.set_ylabel("accuracy (%), mean over benchmarks")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -181,7 +190,6 @@ def plot_accuracy_vs_budget(curves: dict, path: str) -> bool:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
-    return True
 
 
 # ----------------------------------------------------------------------------- `vgs report`

@@ -256,6 +256,8 @@ def plot(curve, vgs_points: list[tuple[int, float]], path: str, split: str = "he
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from benchmarks.report import save_budget_plot
+
     names = {"maj": "majority vote", "wmaj": "weighted majority", "bon": "best-of-N"}
     fig, ax = plt.subplots(figsize=(6, 4))
     for metric, label in names.items():
@@ -263,17 +265,8 @@ def plot(curve, vgs_points: list[tuple[int, float]], path: str, split: str = "he
         if len(g):
             ax.plot(g["budget"], g["accuracy"], marker="o", label=label)
     ax.plot([k for k, _ in vgs_points], [a for _, a in vgs_points], marker="s", label="VGS (DVTS)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("generations per problem (budget)")
-    ax.set_ylabel(f"accuracy (%), {'held-out' if split == 'heldout' else split} split")
     ax.set_title("demo world")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_budget_plot(fig, ax, path, f"accuracy (%), {'held-out' if split == 'heldout' else split} split")
 
 
 if __name__ == "__main__":

@@ -245,12 +245,8 @@ class CachedValueModel:
         """[B, span] pool slots of positions 0..span-1 of each row (padding page past its pages)."""
         ps = self.page_size
         width = max(1, -(-span // ps))
-        table = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            pg = self.pages[r][:width]
-            if pg:
-                table[i, : len(pg)] = torch.tensor(pg, dtype=torch.long)
-        table = upload(table, self.device)
+        padded = [(self.pages[r] + [0] * width)[:width] for r in rows]  # one host tensor, not one per row
+        table = upload(padded, self.device, torch.long)
         pos = torch.arange(span, device=self.device)
         return table[:, pos // ps] * ps + pos % ps
 

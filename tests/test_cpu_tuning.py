@@ -1,6 +1,9 @@
-"""Small-CPU settings for vLLM (`vgs.cpu_tuning`): queue readers sleep instead of spinning."""
+"""Small-CPU settings for vLLM (`vgs.cpu_tuning`): queue readers sleep instead of spinning;
+each engine worker computes on its own cores."""
 
 from __future__ import annotations
+
+import pytest
 
 from vgs import cpu_tuning
 
@@ -29,3 +32,73 @@ def test_queue_readers_sleep_instead_of_spinning(monkeypatch, tmp_path):
             s.close(linger=0)
     finally:
         ctx.term()
+
+
+def test_core_masks_policy_gets_every_core_value_the_last(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VGS_CPU_SPLIT", raising=False)
+    monkeypatch.setattr(cpu_tuning, "small_cpu", lambda: True)
+    monkeypatch.setattr(cpu_tuning.os, "sched_getaffinity", lambda pid: {3, 1})
+    assert cpu_tuning.engine_core_masks() == ("1,3", "3")
+    monkeypatch.setattr(cpu_tuning.os, "sched_getaffinity", lambda pid: {0})
+    assert cpu_tuning.engine_core_masks() is None  # one core: nothing to split
+    monkeypatch.setattr(cpu_tuning.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("VGS_CPU_SPLIT", "0")
+    assert cpu_tuning.engine_core_masks() is None  # opted out
+    monkeypatch.delenv("VGS_CPU_SPLIT")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    assert cpu_tuning.engine_core_masks() is None  # the user's binding wins
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.setattr(cpu_tuning, "small_cpu", lambda: False)
+    assert cpu_tuning.engine_core_masks() is None  # a GPU or many cores: vLLM's binding
+
+
+def test_omp_bind_restores_the_variable(monkeypatch):
+    import os
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    with cpu_tuning.omp_bind("0,1"):
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    with cpu_tuning.omp_bind(None):
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    with cpu_tuning.omp_bind("1"):
+        pass
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+
+
+@pytest.mark.vllm
+def test_build_engines_puts_each_worker_on_its_cores(monkeypatch, tiny_policy, tiny_value, tokenizer_dir):
+    """Through the real engines: the policy worker computes on every usable core, the value
+    worker on the last one (vLLM alone would pin both to the same core on a 2-core box)."""
+    import os
+
+    import psutil
+
+    from vgs.config import EngineConfig
+    from vgs.runtime import build_engines, close_engines
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 usable cores")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VGS_CPU_SPLIT", raising=False)
+    monkeypatch.setattr(cpu_tuning, "small_cpu", lambda: True)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    engines = build_engines(EngineConfig(model=tiny_policy, kv_cache_gib=0.25, max_model_len=1024), tiny_value,
+                            needs_scorer=True, value_engine={"kv_cache_gib": 0.25, "max_model_len": 1024})
+    try:
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+        new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        workers = {}
+        for p in new:
+            try:
+                if "Worker" in p.name():  # vLLM pins each OpenMP thread to one core of the mask
+                    workers[p.pid] = sorted(set().union(*(os.sched_getaffinity(t.id) for t in p.threads())))
+            except psutil.NoSuchProcess:
+                pass
+        # spawned in order: the policy's worker first
+        assert [workers[pid] for pid in sorted(workers)] == [cores, cores[-1:]], workers
+    finally:
+        close_engines(engines)

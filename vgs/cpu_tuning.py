@@ -1,6 +1,18 @@
-"""vLLM on a small CPU: how vLLM's processes wait for each other.
+"""vLLM on a small CPU: which cores each engine's worker computes on, and how vLLM's
+processes wait for each other.
 
-vgs runs two vLLM engines in one process (policy and value model); each is an engine-core
+**Cores (`engine_core_masks`, on by default).** vLLM pins each CPU worker's OpenMP threads
+to the cores of its NUMA node minus one core it reserves for the scheduler. Two engines in one
+process (policy and value model, as VGS runs them) therefore land on the *same* core on a
+2-core machine, and the policy's LM head and sampler (per-token work over the whole
+vocabulary) get one core however idle the other is. With both vLLM engines on a small CPU,
+vgs binds the policy worker to every usable core and the value worker to the last one (the
+value model runs once per block, the policy every token). Measured side by side on the 2-core
+box (`python -m benchmarks.server_load`, idle machine; `VGS_CPU_SPLIT=0` restores vLLM's
+binding): sequential 111 -> 139 tokens/s, 16 concurrent requests 240 -> 370 tokens/s. A set
+`VLLM_CPU_OMP_THREADS_BIND` always wins. A single engine keeps vLLM's binding.
+
+**Waiting (`no_busy_wait`, opt-in).** vgs runs two vLLM engines in one process (policy and value model); each is an engine-core
 process (scheduler) plus a worker process (the model). The scheduler waits for its worker's
 result (and the worker for the next step) by spinning on `sched_yield` over shared memory
 for up to a second after each message. A py-spy profile of 16 concurrent VGS requests on the
@@ -11,9 +23,10 @@ wake-up per step (tens of µs). Measured side by side on the tiny pair: sequenti
 103 -> 109 tokens/s, a 64-sequence batch 246 -> 251 tokens/s (within noise), and a core
 freed for everything else on the machine.
 
-What did not help: `VLLM_CPU_OMP_THREADS_BIND=nobind` (two OpenMP threads per worker instead
-of vLLM's one pinned thread on a 2-core box) made decoding 1.3-10x slower on the shared
-machine: OpenMP barriers stall whenever a thread is descheduled. vLLM's binding stays.
+What did not help: `VLLM_CPU_OMP_THREADS_BIND=nobind` (unpinned OpenMP threads in both
+workers) made decoding 1.3-10x slower on the shared machine: OpenMP barriers stall whenever a
+thread is descheduled. The pinned split above does not have that problem. The same run with
+and without busy waiting gave the same throughput (139.8 / 369.8 vs 139.1 / 372.6 tokens/s).
 
 Opt-in (`VGS_CPU_BUSY_WAIT=0`), and only with at most `SMALL_CPU_CORES` usable cores and no
 GPU: the measured gain is within noise, and a slow low-batch test under heavy machine load was
@@ -22,7 +35,9 @@ not ruled out as a side effect, so vLLM's default stays until it is measured on 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 SMALL_CPU_CORES = 4
 
@@ -65,3 +80,38 @@ def no_busy_wait() -> None:
 
     cls.__init__ = __init__
     cls._vgs_no_busy_wait = True
+
+
+def engine_core_masks() -> tuple[str, str] | None:
+    """`VLLM_CPU_OMP_THREADS_BIND` masks (policy worker, value worker) for two vLLM engines on
+    a small CPU, or None to keep vLLM's own binding (a GPU, many cores, one core, the variable
+    already set, or `VGS_CPU_SPLIT=0`)."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or os.environ.get("VGS_CPU_SPLIT", "1") == "0":
+        return None
+    if not small_cpu():
+        return None
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(cores) < 2:
+        return None
+    return ",".join(map(str, cores)), str(cores[-1])
+
+
+@contextlib.contextmanager
+def omp_bind(mask: str | None) -> Iterator[None]:
+    """Start an engine with `VLLM_CPU_OMP_THREADS_BIND=mask` (its processes read it at spawn);
+    the variable is restored afterwards. No-op for None."""
+    if mask is None:
+        yield
+        return
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = mask
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old

@@ -29,19 +29,24 @@ def build_engines(policy: EngineConfig, value_model: str | None = None, *, needs
                   value_backend: str = "vllm", value_engine: dict[str, Any] | None = None):
     """Policy engine (guidance processor loaded), then the value scorer when `needs_scorer`.
     `value_model` is also what Q#/CD load in-worker. Returns `vgs.search.Engines`."""
+    from vgs.cpu_tuning import engine_core_masks, omp_bind
     from vgs.engine import PolicyEngine
     from vgs.search import Engines
     from vgs.value import make_value_scorer
 
-    pol = PolicyEngine(policy)
+    if needs_scorer and not value_model:
+        raise VGSError("this method needs a value model (--value-model)")
+    # two vLLM engines on a small CPU: each worker on its own cores (vgs.cpu_tuning)
+    masks = engine_core_masks() if needs_scorer and value_backend == "vllm" else None
+    with omp_bind(masks and masks[0]):
+        pol = PolicyEngine(policy)
     scorer = None
     try:
         if needs_scorer:
-            if not value_model:
-                raise VGSError("this method needs a value model (--value-model)")
             if value_backend == "vllm":
-                scorer = make_value_scorer(value_model, backend="vllm", tokenizer=policy.tokenizer or policy.model,
-                                           **(value_engine or {}))
+                with omp_bind(masks and masks[1]):
+                    scorer = make_value_scorer(value_model, backend="vllm", tokenizer=policy.tokenizer or policy.model,
+                                               **(value_engine or {}))
             else:  # transformers: bf16 on GPU, fp32 on CPU; engine knobs do not apply
                 scorer = make_value_scorer(value_model, backend="hf")
     except BaseException:

@@ -412,3 +412,64 @@ def test_policy_and_value_engines_share_a_process(policy_engine, vllm_value_scor
     got = vllm_value_scorer.score(seqs)
     assert_close(got, hf_value_scorer.score(seqs), 1e-3)
     assert all(0.0 < v < 1.0 for v in got)
+
+
+@pytest.mark.vllm
+def test_vllm_concurrent_calls_get_their_own_cost(vllm_value_scorer, hf_value_scorer):
+    """Two searches scoring at once on the async engine: each call gets the tokens computed
+    for its own sequences, values match transformers, and no batcher (thread) is involved."""
+    import asyncio
+
+    from vgs.aio import run_sync
+    from vgs.batcher import score_async
+
+    sc = vllm_value_scorer
+    rng = random.Random(5)
+    prefix = rand_ids(rng, 256)  # whole KV blocks
+    sc.score([prefix])
+    a = [prefix + rand_ids(rng, 50), prefix + rand_ids(rng, 20)]
+    b = [prefix + rand_ids(rng, 70)]
+
+    async def both():
+        return await asyncio.gather(score_async(sc, a), score_async(sc, b))
+
+    before = sc.tokens_computed
+    sa, sb = run_sync(both())
+    assert [s.computed_tokens for s in sa] == [50, 20]
+    assert [s.computed_tokens for s in sb] == [70]
+    assert sc.tokens_computed - before == 140
+    assert_close([s.value for s in sa + sb], hf_value_scorer.score(a + b), 1e-3)
+    assert getattr(sc, "_vgs_batcher", None) is None  # awaited directly, not through a batcher
+
+
+@pytest.mark.vllm
+def test_vllm_cancel_aborts_value_requests(vllm_value_scorer, hf_value_scorer):
+    """A cancelled value call leaves no request in the value engine, whenever the cancel
+    lands: before its requests are added, while they are being added, or while they run."""
+    import asyncio
+
+    from vgs.aio import run_sync
+
+    sc = vllm_value_scorer
+    rng = random.Random(6)
+
+    async def cancel_after(turns: int | None) -> tuple[bool, int]:
+        task = asyncio.ensure_future(sc.ascore([rand_ids(rng, 3000) for _ in range(4)]))
+        if turns is None:  # until every request is in the engine
+            while sc.num_running < 4 and not task.done():
+                await asyncio.sleep(0.001)
+        else:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return task.cancelled(), sc.num_running
+
+    async def scenario() -> list[tuple[bool, int]]:
+        return [await cancel_after(t) for t in [*range(12), None]]
+
+    got = run_sync(scenario())
+    assert all(cancelled for cancelled, _ in got)
+    assert [left for _, left in got] == [0] * len(got)
+    seq = rand_ids(rng, 100)  # the engine still serves
+    assert_close(sc.score([seq]), hf_value_scorer.score([seq]), 1e-3)

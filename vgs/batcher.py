@@ -1,13 +1,20 @@
-"""Coalesced async value scoring: the one way searches reach a value model.
+"""How searches reach a value model: `score_async`, with a `Score` per sequence.
+
+An async scorer (`VllmValueScorer`, anything with `ascore`) is awaited directly on the
+engine loop: it submits one vLLM request per sequence, vLLM's scheduler batches the
+requests of all searches in flight, and cancelling a search aborts its requests inside the
+engine. A sync scorer (`HFValueScorer`) sits behind a `ValueBatcher`:
 
 Concurrent searches each ask for a handful of values per round. `ValueBatcher.score` queues
 the call; a single drain task waits a few milliseconds for more calls (bounded by
 `max_wait_ms` and `max_batch` sequences), then sends them to the model as one batch on the
-scorer's own worker thread (both backends are sync and not thread-safe; one thread keeps
-them that way and keeps the event loop free). Each caller gets back a `Score` per sequence
-with the tokens the model actually computed for *that* sequence, so compute is attributed to
-the right request under concurrency (no shared counters). A caller cancelled before its batch
-is sent is dropped from it.
+scorer's own worker thread (the transformers scorer is sync and not thread-safe; one thread
+keeps it that way and keeps the event loop free). A caller cancelled before its batch is
+sent is dropped from it; a batch already sent runs to its end.
+
+Either way each caller gets back a `Score` per sequence with the tokens the model actually
+computed for *that* sequence, so compute is attributed to the right request under
+concurrency (no shared counters).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from vgs.errors import VGSError
+
 
 @dataclass(frozen=True)
 class Score:
@@ -25,8 +34,9 @@ class Score:
 
 
 class ValueBatcher:
-    """Async, coalescing front of a sync scorer (`VllmValueScorer`, `HFValueScorer`, or any
-    object with `score(seqs) -> list[float]`; without `score_with_cost` every token counts)."""
+    """Async, coalescing front of a sync scorer (`HFValueScorer`, or any object with
+    `score(seqs) -> list[float]`; without `score_with_cost` every token counts). An async
+    scorer does not need one: `score_async` awaits it directly."""
 
     def __init__(self, scorer: Any, max_batch: int = 512, max_wait_ms: float = 3.0):
         self.scorer = scorer
@@ -97,7 +107,7 @@ class ValueBatcher:
 
 
 def batcher_for(scorer: Any) -> ValueBatcher | None:
-    """The (one, cached) batcher of a scorer, so every search sharing a scorer shares its batches."""
+    """The (one, cached) batcher of a sync scorer, so every search sharing it shares its batches."""
     if scorer is None:
         return None
     if isinstance(scorer, ValueBatcher):
@@ -110,3 +120,20 @@ def batcher_for(scorer: Any) -> ValueBatcher | None:
         except AttributeError:  # a scorer with __slots__: no sharing, still correct
             pass
     return b
+
+
+def is_async_scorer(scorer: Any) -> bool:
+    """True for a scorer searches await directly (it has `ascore`), not through a batcher."""
+    return callable(getattr(scorer, "ascore", None))
+
+
+async def score_async(scorer: Any, sequences: Sequence[Sequence[int]]) -> list[Score]:
+    """Values of `sequences` with per-sequence cost, from any scorer: an async one awaited
+    directly (so cancellation reaches its model requests), a sync one through its shared
+    `ValueBatcher`."""
+    if is_async_scorer(scorer):
+        return await scorer.ascore(sequences)
+    b = batcher_for(scorer)
+    if b is None:
+        raise VGSError("this method needs a value model (--value-model)")
+    return await b.score(sequences)

@@ -117,15 +117,6 @@ def check_model_path(model: str) -> None:
         raise VGSError(f"model path {model!r} does not exist")
 
 
-def check_sync_data_parallel(cfg: EngineConfig) -> None:
-    """`vllm.LLM` (the synchronous engine, still used by the pooling value scorer) refuses
-    data_parallel_size > 1 in one process; say so in one line before loading anything. The
-    policy runs on vLLM's async engine, which runs data-parallel replicas within the node."""
-    if cfg.data_parallel_size > 1:
-        raise VGSError(f"data_parallel_size={cfg.data_parallel_size} is not supported for the vLLM value engine "
-                       "(synchronous vllm.LLM); data parallelism applies to the policy engine")
-
-
 def model_max_len(model: str) -> int:
     """The context length a model's config declares (what vLLM uses when none is given)."""
     try:
@@ -198,20 +189,8 @@ class PolicyEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        from vgs.aio import on_engine_loop, run_sync
-
-        async def shutdown() -> None:  # on the loop that owns its tasks
-            llm.shutdown()
-
-        try:
-            if on_engine_loop():
-                llm.shutdown()
-            else:
-                run_sync(shutdown(), timeout=60)
-        except Exception as exc:  # noqa: BLE001 - best effort at teardown
-            log.debug("engine shutdown: %s", exc)
+        if llm is not None:
+            shutdown_async_llm(llm)
 
     @property
     def num_running(self) -> int:
@@ -403,12 +382,19 @@ def guidance_budget(cfg: EngineConfig, kw: dict[str, Any]) -> None:
                                                         0.0, total)
 
 
-def shutdown_llm(llm: Any) -> None:
-    """Stop a `vllm.LLM`'s engine-core process now, rather than at interpreter exit (where its
-    log lines hit closed streams and the worker is force-killed)."""
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        try:
-            core.shutdown()
-        except Exception as exc:  # noqa: BLE001 - best effort at teardown
-            log.debug("engine shutdown: %s", exc)
+def shutdown_async_llm(llm: Any) -> None:
+    """Stop an `AsyncLLM` (policy or value engine) now, on the loop that owns its tasks, rather
+    than at interpreter exit (where its log lines hit closed streams and the worker is
+    force-killed)."""
+    from vgs.aio import on_engine_loop, run_sync
+
+    async def shutdown() -> None:
+        llm.shutdown()
+
+    try:
+        if on_engine_loop():
+            llm.shutdown()
+        else:
+            run_sync(shutdown(), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - best effort at teardown
+        log.debug("engine shutdown: %s", exc)

@@ -2,12 +2,15 @@
 
 One interface (`ValueScorer`), two backends:
 
-- `VllmValueScorer` (default): the value model as a vLLM pooling model (`runner="pooling"`,
-  `classify`, LAST pooling) with prefix caching, so scoring prefix + block recomputes only
-  the block (vLLM caches whole KV blocks: 128 tokens on CPU, 16 on GPU by default).
+- `VllmValueScorer` (default): the value model in vLLM's `AsyncLLM` as a pooling model
+  (`runner="pooling"`, classify, LAST pooling) with prefix caching, so scoring prefix +
+  block recomputes only the block (vLLM caches whole KV blocks: 128 tokens on CPU, 16 on GPU
+  by default). Async (`ascore`): one `encode` request per sequence, batched by vLLM's
+  scheduler with every other request in flight; cancelling the caller aborts them.
 - `HFValueScorer`: plain transformers, batched and padded, head on the last token only, with
   its own KV store keyed by token ids so a continuation of anything scored before (or a
-  sibling sharing a prefix with it) costs only its new tokens.
+  sibling sharing a prefix with it) costs only its new tokens. Sync; searches reach it
+  through `vgs.batcher.ValueBatcher`.
 
 Both count `tokens_computed` (tokens actually run through the model after reuse); the search
 reads it for FLOP accounting. The published VGS code re-prefills every candidate from
@@ -16,16 +19,20 @@ scratch, one at a time; `benchmarks/value_scoring.py` measures both backends aga
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from vgs.aio import gather_or_cancel
+from vgs.batcher import Score
 from vgs.config import EngineConfig
 from vgs.errors import VGSError
 
@@ -46,7 +53,19 @@ class ValueScorer(Protocol):
         """P(finished correct) read at the last token of each sequence, in input order."""
         ...
 
+    def score_with_cost(self, sequences: list[list[int]]) -> tuple[list[float], list[int]]:
+        """Values, and the tokens actually computed for each sequence."""
+        ...
+
     def close(self) -> None: ...
+
+
+class AsyncValueScorer(Protocol):
+    """A scorer searches can await directly (no batcher, no thread): `VllmValueScorer`."""
+
+    async def ascore(self, sequences: Sequence[Sequence[int]]) -> list[Score]:
+        """Value and computed tokens per sequence; cancelling the caller stops its model work."""
+        ...
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -173,50 +192,42 @@ class _ChatWarmupFilter(logging.Filter):
 
 
 class VllmValueScorer:
-    """The value model in a `vllm.LLM(runner="pooling")` classify engine with prefix caching.
+    """The value model in vLLM's `AsyncLLM` (pooling runner, classify, LAST pooling, prefix
+    caching), owned by the process's engine loop (`vgs.aio`) like the policy engine.
 
-    One batched `classify` call per `score`. Runs beside a `PolicyEngine` in the same
-    process: give each its own `kv_cache_gib` (CPU, or a GPU shared by both) or
-    `gpu_memory_utilization` share. `cfg.tokenizer` is optional: the published checkpoint
-    ships none, and ids go in directly, so without one the tokenizer is not loaded at all.
+    `ascore` is the one implementation: it submits one `encode` request per distinct
+    uncached sequence and gathers them. vLLM's scheduler batches concurrent requests (of this
+    call and of every other search in flight) into shared forward passes, so there is no
+    batcher in front of it; and cancelling the awaiting task aborts the requests still in the
+    engine, so a disconnected client's value work stops mid-batch. Sync callers (collect,
+    benchmarks, tests) use `score` / `score_with_cost`, which run `ascore` on the engine loop.
+
+    Runs beside a `PolicyEngine` in the same process: give each its own `kv_cache_gib` (CPU,
+    or a GPU shared by both) or `gpu_memory_utilization` share. `cfg.tokenizer` is optional:
+    the published checkpoint ships none, and ids go in directly, so without one the tokenizer
+    is not loaded at all.
     """
 
     def __init__(self, cfg: EngineConfig):
         cfg.validate()
-        from vgs.engine import check_model_path, check_sync_data_parallel, on_cpu, vllm_engine_kwargs
+        from vgs.aio import run_sync
+        from vgs.engine import _start_async_llm, check_model_path
 
         check_model_path(cfg.model)
-        check_sync_data_parallel(cfg)
         hf_cfg = _read_config(cfg.model)
         check_value_config(hf_cfg, cfg.model)
-        from vllm import LLM
-        from vllm.config import PoolerConfig
-
         self.cfg = cfg
-        kw = vllm_engine_kwargs(cfg, generate=False)
-        if cfg.dtype == "auto":
-            # vLLM's "auto" may run an fp32 checkpoint (the published one is fp32) in half
-            # precision; pin what the scorer promises: fp32 on CPU, bf16 on GPU.
-            kw["dtype"] = "float32" if on_cpu() else "bfloat16"
-        if not cfg.tokenizer and not _has_tokenizer(cfg.model):
-            if int(hf_cfg.get("num_labels", len(hf_cfg.get("id2label") or {}) or 3)) == 1:
-                # vLLM turns on its cross-encoder scoring API for 1-label classifiers, and that
-                # loads a tokenizer at start-up.
-                raise VGSError(f"value model {cfg.model!r} has 1 label and ships no tokenizer: pass the "
-                               "policy's tokenizer (--tokenizer) for the vLLM backend")
-            kw.pop("tokenizer", None)
-            kw["skip_tokenizer_init"] = True
-        kw.setdefault("pooler_config", PoolerConfig(task="classify", seq_pooling_type="LAST"))
+        kw = _value_engine_kwargs(cfg, hf_cfg)
         quiet = _ChatWarmupFilter() if kw.get("skip_tokenizer_init") else None
         renderer_log = logging.getLogger("vllm.renderers.base")
         if quiet:
             renderer_log.addFilter(quiet)
         try:
-            self.llm = LLM(runner="pooling", **kw)
+            self.llm = run_sync(_start_async_llm(kw))  # built on the loop that will drive it
         finally:
             if quiet:
                 renderer_log.removeFilter(quiet)
-        mc = self.llm.llm_engine.model_config
+        mc = self.llm.model_config
         self.max_model_len = int(mc.max_model_len)
         self.vocab_size = int(hf_cfg.get("vocab_size") or mc.get_vocab_size())
         self.num_params = count_value_params(cfg.model)
@@ -224,43 +235,126 @@ class VllmValueScorer:
         self.last_tokens_computed: list[int] = []
         self._memo = _ValueMemo()
 
+    # ------------------------------------------------------------------ async (the implementation)
+
+    async def ascore(self, sequences: Sequence[Sequence[int]]) -> list[Score]:
+        """Value and tokens computed (from vLLM's `num_cached_tokens`; 0 for a memo hit or a
+        repeat within the call) per sequence, in input order. Runs on the engine loop.
+
+        Cancelling the caller aborts every request of this call still in the engine."""
+        if self.llm is None:
+            raise VGSError("the value engine is closed")
+        seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
+        values, todo = self._memo.lookup(seqs)
+        per_seq = [0] * len(seqs)
+        if todo:
+            ids = {k: uuid.uuid4().hex for k in todo}
+            done: set[str] = set()
+            try:
+                outs = await gather_or_cancel(*(self._classify(seqs[idx[0]], ids[k], done)
+                                                for k, idx in todo.items()))
+            except BaseException:
+                await self._abort([r for r in ids.values() if r not in done])
+                raise
+            for (k, idx), (v, computed) in zip(todo.items(), outs):
+                per_seq[idx[0]] = computed
+                self.tokens_computed += computed
+                self._memo.put(k, v)
+                for i in idx:
+                    values[i] = v
+        return [Score(float(v), int(c)) for v, c in zip(values, per_seq)]  # type: ignore[arg-type]
+
+    async def _classify(self, ids: list[int], request_id: str, done: set[str]) -> tuple[float, int]:
+        """One `encode` request: (success probability, tokens computed after prefix reuse).
+        `request_id` goes into `done` once vLLM reports the request finished."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.pooling_params import PoolingParams
+
+        final = None
+        try:
+            async for out in self.llm.encode(TokensPrompt(prompt_token_ids=ids), PoolingParams(task="classify"),
+                                             request_id=request_id):
+                final = out
+        except (VLLMValidationError, ValueError) as exc:  # vLLM's input checks
+            raise VGSError(f"value request rejected by the engine: {exc}") from exc
+        if final is None or not final.finished:
+            raise VGSError(f"value request {request_id} ended without a result")
+        done.add(request_id)
+        if getattr(final, "error", None) is not None:
+            raise VGSError(f"value request failed in the engine: {final.error}")
+        return _prob_at(final.outputs.data.tolist()), len(ids) - int(final.num_cached_tokens or 0)
+
+    async def _abort(self, request_ids: list[str]) -> None:
+        """Abort requests in vLLM. `AsyncLLM.encode` aborts its own request when cancelled
+        while waiting for output, but not when cancelled while the request is being added
+        (registered, not yet handed back), and not requests whose task never ran; this covers
+        every id of the call. Shielded so a second cancel cannot stop it half way."""
+        if request_ids and self.llm is not None:
+            await asyncio.shield(self.llm.abort(request_ids))
+
+    # ------------------------------------------------------------------ sync facade
+
     def score(self, sequences: list[list[int]]) -> list[float]:
         values, per_seq = self.score_with_cost(sequences)
         self.last_tokens_computed = per_seq
         return values
 
     def score_with_cost(self, sequences: list[list[int]]) -> tuple[list[float], list[int]]:
-        """Values, and the tokens actually run through the model for each sequence (from
-        vLLM's `num_cached_tokens`; 0 for a memo hit or a repeat within the call)."""
-        from vllm.inputs import TokensPrompt
+        """Values, and the tokens actually run through the model for each sequence: `ascore`
+        run on the engine loop (so sync code shares the one engine with running searches)."""
+        from vgs.aio import run_sync
 
-        seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
-        values, todo = self._memo.lookup(seqs)
-        per_seq = [0] * len(seqs)
-        if todo:
-            firsts = [idx[0] for idx in todo.values()]
-            outs = self.llm.classify([TokensPrompt(prompt_token_ids=seqs[i]) for i in firsts], use_tqdm=False)
-            for (k, idx), out in zip(todo.items(), outs):
-                v = _prob_at(out.outputs.probs)
-                computed = len(seqs[idx[0]]) - int(out.num_cached_tokens or 0)
-                per_seq[idx[0]] = computed
-                self.tokens_computed += computed
-                self._memo.put(k, v)
-                for i in idx:
-                    values[i] = v
-        return [float(v) for v in values], per_seq  # type: ignore[arg-type]
+        scores = run_sync(self.ascore(sequences))
+        return [s.value for s in scores], [s.computed_tokens for s in scores]
+
+    @property
+    def num_running(self) -> int:
+        """vLLM requests not finished yet (running or waiting): 0 after a cancelled search."""
+        return int(self.llm.get_num_unfinished_requests()) if self.llm is not None else 0
 
     def reset_prefix_cache(self) -> None:
         """Forget cached KV and values (e.g. between benchmark runs)."""
-        self.llm.reset_prefix_cache()
+        from vgs.aio import run_sync
+
+        async def reset() -> bool:
+            return bool(await self.llm.reset_prefix_cache())
+
+        if not run_sync(reset()):
+            log.warning("value engine prefix cache not reset (requests still running?)")
         self._memo.clear()
 
     def close(self) -> None:
-        from vgs.engine import shutdown_llm
+        from vgs.engine import shutdown_async_llm
 
-        if getattr(self, "llm", None) is not None:
-            shutdown_llm(self.llm)
-            self.llm = None
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            shutdown_async_llm(llm)
+
+
+def _value_engine_kwargs(cfg: EngineConfig, hf_cfg: dict[str, Any]) -> dict[str, Any]:
+    """EngineArgs of the value engine: the shared ones, pooling runner with classify + LAST
+    pooling, a pinned dtype, and no tokenizer when the checkpoint ships none."""
+    from vllm.config import PoolerConfig
+
+    from vgs.engine import on_cpu, vllm_engine_kwargs
+
+    kw = vllm_engine_kwargs(cfg, generate=False)
+    kw["runner"] = "pooling"
+    if cfg.dtype == "auto":
+        # vLLM's "auto" may run an fp32 checkpoint (the published one is fp32) in half
+        # precision; pin what the scorer promises: fp32 on CPU, bf16 on GPU.
+        kw["dtype"] = "float32" if on_cpu() else "bfloat16"
+    if not cfg.tokenizer and not _has_tokenizer(cfg.model):
+        if int(hf_cfg.get("num_labels", len(hf_cfg.get("id2label") or {}) or 3)) == 1:
+            # vLLM turns on its cross-encoder scoring API for 1-label classifiers, and that
+            # loads a tokenizer at start-up.
+            raise VGSError(f"value model {cfg.model!r} has 1 label and ships no tokenizer: pass the "
+                           "policy's tokenizer (--tokenizer) for the vLLM backend")
+        kw.pop("tokenizer", None)
+        kw["skip_tokenizer_init"] = True
+    kw.setdefault("pooler_config", PoolerConfig(task="classify", seq_pooling_type="LAST"))
+    return kw
 
 
 # ---------------------------------------------------------------------------- transformers backend

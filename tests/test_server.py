@@ -283,9 +283,9 @@ def test_busy_server_answers_429_with_retry_after(bare_server, policy_engine):
     assert httpx.post(url + "/v1/completions", json={"prompt": "go", "max_tokens": 2}).status_code == 200
 
 
-def test_disconnect_cancels_the_search(server, policy_engine):
-    """After the client goes away, no vLLM request of its search is still running and its
-    sequences are released."""
+def test_disconnect_cancels_the_search(server, policy_engine, vllm_value_scorer):
+    """After the client goes away, no vLLM request of its search is still running (policy or
+    value engine) and its sequences are released."""
     url, state = server
     seen = []
     stop = threading.Event()
@@ -310,6 +310,7 @@ def test_disconnect_cancels_the_search(server, policy_engine):
         t.join()
     assert max(seen) >= 1  # the search was running when the client left
     assert policy_engine.num_running == 0 and state.admission.in_use == 0
+    assert vllm_value_scorer.num_running == 0
     text = httpx.get(url + "/metrics").text
     assert 'status="499"' in text
     # streaming: closing the stream mid-search cancels too
@@ -323,3 +324,4 @@ def test_disconnect_cancels_the_search(server, policy_engine):
     while (policy_engine.num_running or state.admission.in_use) and time.time() < deadline:
         time.sleep(0.05)
     assert policy_engine.num_running == 0 and state.admission.in_use == 0
+    assert vllm_value_scorer.num_running == 0

@@ -320,6 +320,44 @@ def test_value_batcher_coalesces_and_attributes_cost():
     run_sync(scenario())
 
 
+def test_score_async_awaits_an_async_scorer_directly():
+    """An async scorer (the vLLM one) is awaited on the caller's task, with no batcher or
+    thread in between, so cancelling the search reaches its model call; no scorer is a VGSError."""
+    import asyncio
+
+    from vgs.aio import run_sync
+    from vgs.batcher import Score, score_async
+    from vgs.errors import VGSError
+
+    class AsyncScorer:
+        def __init__(self):
+            self.started, self.cancelled = asyncio.Event(), 0
+
+        async def ascore(self, seqs):
+            self.started.set()
+            if seqs == [[1]]:
+                return [Score(0.5, 1)]
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+    async def scenario():
+        sc = AsyncScorer()
+        assert await score_async(sc, [[1]]) == [Score(0.5, 1)]
+        sc.started.clear()
+        task = asyncio.ensure_future(score_async(sc, [[2]]))
+        await sc.started.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert sc.cancelled == 1 and getattr(sc, "_vgs_batcher", None) is None
+        with pytest.raises(VGSError, match="needs a value model"):
+            await score_async(None, [[1]])
+
+    run_sync(scenario())
+
+
 def test_lengths_checked_against_every_model_the_method_reads(tmp_path):
     """Admission refuses prompt + max_tokens past the policy's context, the scorer's context
     (scored methods) and the in-worker guidance model's positions (Q♯/CD), before any work."""

@@ -183,7 +183,7 @@ class PolicyEngine:
         if logits_processors:
             kw["logits_processors"] = logits_processors
             guidance_budget(cfg, kw)
-        self.llm = run_sync(_start_async_llm(kw))  # built on the loop that will drive it
+        self.llm = run_sync(start_async_llm(kw))  # built on the loop that will drive it
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.num_params = count_params(cfg.model)
 
@@ -337,7 +337,9 @@ class PolicyEngine:
         return run_sync(gather_or_cancel(*(self.agenerate(r, sampling) for r in requests)))
 
 
-async def _start_async_llm(kw: dict[str, Any]) -> Any:
+async def start_async_llm(kw: dict[str, Any]) -> Any:
+    """An `AsyncLLM` from EngineArgs `kw` (policy or value engine). Await it on the engine loop:
+    an AsyncLLM binds its output handler to the loop that first drives it."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -211,7 +211,7 @@ class VllmValueScorer:
     def __init__(self, cfg: EngineConfig):
         cfg.validate()
         from vgs.aio import run_sync
-        from vgs.engine import _start_async_llm, check_model_path
+        from vgs.engine import check_model_path, start_async_llm
 
         check_model_path(cfg.model)
         hf_cfg = _read_config(cfg.model)
@@ -223,7 +223,7 @@ class VllmValueScorer:
         if quiet:
             renderer_log.addFilter(quiet)
         try:
-            self.llm = run_sync(_start_async_llm(kw))  # built on the loop that will drive it
+            self.llm = run_sync(start_async_llm(kw))  # built on the loop that will drive it
         finally:
             if quiet:
                 renderer_log.removeFilter(quiet)

@@ -6,14 +6,22 @@ solution applies them left to right, one line per step (``7+5=2``), then ``\\box
 Why this task shows search at work (issue 12):
 - the policy is trained on traces that contain step errors, so it makes them too and is right
   only part of the time;
-- RANDOM errors (any step, prob. `P_RANDOM`, a uniformly wrong digit) scatter the final answers:
-  majority voting fixes those;
-- SYSTEMATIC errors: a fixed set of "confusing facts" (`SYSTEMATIC`, about 12% of all
-  ``a op b`` facts) is written with one specific wrong result with prob. `P_SYSTEMATIC` > 1/2.
-  On a problem whose correct path meets such a fact, most samples agree on the same wrong
-  answer, so majority voting picks it (more samples make it surer, not better);
-- every error is visible: the step line states the operands and the result, so a value model
-  can check it, and after a wrong step the rest of the trace carries the wrong value.
+- RANDOM errors (any step, prob. `P_RANDOM`, a uniformly wrong result digit) scatter the final
+  answers: majority voting fixes those;
+- SYSTEMATIC errors: the traces misread the first result they carry to the next line as its
+  look-alike digit (`MISREAD`, e.g. a 3 copied as 8) with prob. `P_SYSTEMATIC` > 1/2, and go
+  on correctly from the misread value. So on every problem most samples agree on the same
+  wrong answer, and majority voting picks it (more samples make it surer, not better);
+- every error is visible, and the systematic one locally: line 2's first number must equal
+  the result written on line 1 (``1+2=3`` then ``8*4=2`` is a misread). Since every problem
+  is equally exposed, the only thing that tells a sample's outcome apart from its problem's
+  is whether its own steps are right, which is what a value model must learn for search to
+  work. (Two earlier versions: systematic wrong *facts*, ``7*8=4``, need the whole table
+  memorised from outcome bits, which the value model did not learn within the build's
+  budget; misreading only some digits, at any carry, let the value model score problems by
+  how often they carry those digits (validation AUC 0.80) without checking the steps: a
+  misread and a right trace of the same problem got values 0.35 vs 0.38. See
+  docs/demo_world.md.)
 
 Splits are by a hash of the problem text, so train and held-out problems can never overlap,
 whatever seeds and sizes are drawn: `make_split("train", n, seed)` /
@@ -33,10 +41,9 @@ BENCHMARK = "demo_world"
 MOD = 10
 OPS = ("+", "-", "*")
 MIN_STEPS, MAX_STEPS = 4, 6
-P_RANDOM = 0.04  # per step: a uniformly drawn wrong digit
-P_SYSTEMATIC = 0.7  # per confusing fact: its one fixed wrong result
-SYSTEMATIC_FRACTION = 0.12
-WORLD_SEED = 12  # fixes the set of confusing facts (part of the world, not of a run)
+P_RANDOM = 0.04  # per step: a uniformly drawn wrong result digit
+P_SYSTEMATIC = 0.6  # the first carried result is misread as its look-alike
+MISREAD = {0: 6, 6: 0, 1: 7, 7: 1, 2: 5, 5: 2, 3: 8, 8: 3, 4: 9, 9: 4}  # look-alike digits (a derangement)
 HELDOUT_SHARE = 5  # 1 in 5 problem texts belongs to the held-out split
 SPLITS = ("train", "heldout")
 
@@ -49,21 +56,6 @@ def apply(op: str, a: int, b: int) -> int:
     if op == "*":
         return (a * b) % MOD
     raise VGSError(f"unknown operation {op!r}")
-
-
-def _systematic_facts() -> dict[tuple[str, int, int], int]:
-    """(op, a, b) -> the wrong result the traces write for it with prob. P_SYSTEMATIC."""
-    rng = random.Random(WORLD_SEED)
-    facts = [(op, a, b) for op in OPS for a in range(MOD) for b in range(1, MOD)]
-    chosen = rng.sample(facts, round(SYSTEMATIC_FRACTION * len(facts)))
-    out = {}
-    for op, a, b in sorted(chosen):
-        right = apply(op, a, b)
-        out[(op, a, b)] = rng.choice([d for d in range(MOD) if d != right])
-    return out
-
-
-SYSTEMATIC: dict[tuple[str, int, int], int] = _systematic_facts()
 
 
 @dataclass(frozen=True)
@@ -128,23 +120,29 @@ def make_split(name: str, n: int, seed: int = 0) -> list[Problem]:
 
 
 def step_result(op: str, a: int, b: int, rng: random.Random) -> int:
-    """What a trace writes for `a op b`: the world's error model."""
+    """What a trace writes for `a op b`: right, or with prob. P_RANDOM a uniformly wrong digit."""
     right = apply(op, a, b)
-    wrong = SYSTEMATIC.get((op, a, b))
-    if wrong is not None and rng.random() < P_SYSTEMATIC:
-        return wrong
     if rng.random() < P_RANDOM:
         return rng.choice([d for d in range(MOD) if d != right])
     return right
+
+
+def carried(value: int, rng: random.Random) -> int:
+    """What a trace writes on line 2 for line 1's result `value`: the world's systematic error
+    (its look-alike digit with prob. P_SYSTEMATIC)."""
+    if rng.random() < P_SYSTEMATIC:
+        return MISREAD[value]
+    return value
 
 
 def solution(chain: Chain, rng: random.Random | None = None) -> str:
     """A step-by-step solution; with `rng`, sampled from the error model (training traces),
     without, the correct one."""
     lines, cur = [], chain.start
-    for op, b in chain.steps:
-        res = step_result(op, cur, b, rng) if rng is not None else apply(op, cur, b)
-        lines.append(f"{cur}{op}{b}={res}")
+    for i, (op, b) in enumerate(chain.steps):
+        a = carried(cur, rng) if rng is not None and i == 1 else cur
+        res = step_result(op, a, b, rng) if rng is not None else apply(op, a, b)
+        lines.append(f"{a}{op}{b}={res}")
         cur = res
     return "\n".join(lines) + f"\n\\boxed{{{cur}}}"
 

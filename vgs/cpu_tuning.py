@@ -7,10 +7,11 @@ process (policy and value model, as VGS runs them) therefore land on the *same* 
 2-core machine, and the policy's LM head and sampler (per-token work over the whole
 vocabulary) get one core however idle the other is. With both vLLM engines on a small CPU,
 vgs binds the policy worker to every usable core and the value worker to the last one (the
-value model runs once per block, the policy every token). Measured side by side on the 2-core
-box (`python -m benchmarks.server_load`, idle machine; `VGS_CPU_SPLIT=0` restores vLLM's
-binding): sequential 111 -> 139 tokens/s, 16 concurrent requests 240 -> 370 tokens/s. A set
-`VLLM_CPU_OMP_THREADS_BIND` always wins. A single engine keeps vLLM's binding.
+value model runs once per block, the policy every token). `python -m benchmarks.server_load`
+on the idle 2-core box, sequential / 16 concurrent requests: vLLM's binding 102 / 234
+tokens/s (the day before); each worker on one core of its own 111 / 240; this binding 139 /
+370. `VGS_CPU_SPLIT=0` restores vLLM's binding, and a set `VLLM_CPU_OMP_THREADS_BIND` always
+wins. A single engine keeps vLLM's binding.
 
 **Waiting (`no_busy_wait`, opt-in).** vgs runs two vLLM engines in one process (policy and value model); each is an engine-core
 process (scheduler) plus a worker process (the model). The scheduler waits for its worker's

@@ -47,14 +47,16 @@ class BuildConfig:
     seed: int = 0
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], threads: int = 0) -> None:
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # one torch thread: for these tiny models the trainer ran 2x faster with 1 than with 2 on
-    # the shared 2-core box (5-6.7k vs 1-3k tokens/s); vLLM sets its workers' own threads
-    env.setdefault("OMP_NUM_THREADS", "1")
+    # the trainer's torch threads; vLLM sets its workers' own. On an idle 2-core machine two
+    # threads train 1.8x faster than one (0.35 vs 0.63 s/step); on a machine shared with other
+    # jobs one thread was faster, hence the flag
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     rc = subprocess.call(cmd, env=env, cwd=str(REPO))
     if rc != 0:
         sys.exit(f"demo_world build: step failed (exit {rc}): {' '.join(cmd)}")
@@ -104,7 +106,7 @@ def build(cfg: BuildConfig, force: bool = False) -> dict:
     t = time.time()
     if not os.path.exists(os.path.join(run, "final")):
         print("[build] 3/3 value model: value_models.train", flush=True)
-        _run(train_command(cfg, policy, data, run) + (["--resume"] if os.path.isdir(run) else []))
+        _run(train_command(cfg, policy, data, run) + (["--resume"] if os.path.isdir(run) else []), cfg.policy.threads)
     seconds["value"] = round(time.time() - t, 1)
 
     # ship: models/policy, models/value (no optimizer state), BUILD.json
@@ -152,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=BuildConfig.work, help="work directory (resumable)")
     p.add_argument("--policy-steps", type=int, default=PolicyConfig.steps)
     p.add_argument("--collect-problems", type=int, default=BuildConfig.collect_problems)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the policy SFT (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for the policy SFT and the value trainer (0: torch's default, all cores; "
+                        "1 is faster on a machine busy with other work)")
     args = p.parse_args(argv)
     cfg = BuildConfig(work=args.work, policy=PolicyConfig(steps=args.policy_steps, threads=args.threads),
                       collect_problems=args.collect_problems)

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.local_files import quiet_engines
+from vgs.assets import quiet_engines
 
 quiet_engines()
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import local_files
-from benchmarks.local_files import REPO
+from vgs import assets as local_files
+from vgs.assets import REPO
 from vgs.errors import VGSError
 
 

@@ -47,7 +47,7 @@ class Result:
 
 def build_value_model(shape: str, out: str, device: str) -> str:
     """A random-weight value checkpoint of `shape` (initialised on `device`: fast at 1.5B)."""
-    from value_models.modeling import Qwen2ForClassifier, value_model_config
+    from vgs.modeling import Qwen2ForClassifier, value_model_config
 
     cfg = value_model_config(num_labels=3, max_position_embeddings=32768, rope_theta=10000.0,
                              rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
@@ -105,7 +105,7 @@ class SyncCounter:
 def run(args: argparse.Namespace) -> list[Result]:
     from vgs.guidance.guide import Guide
     from vgs.guidance.worker_model import CachedValueModel, Feed
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         probe.free_row(row)
     batch_rows = [probe.alloc_row() for _ in seqs]
     batched = probe.score(batch_rows, seqs, cands).success_logit.float()
-    from value_models.modeling import success_probs
+    from vgs.modeling import success_probs
 
     worst_full = 0.0
     with torch.inference_mode():

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.local_files import DATA_DIR as DEFAULT_DATA, TOKENIZER_DIR as DEFAULT_TOKENIZER, quiet_engines
+from vgs.assets import DATA_DIR as DEFAULT_DATA, TOKENIZER_DIR as DEFAULT_TOKENIZER, quiet_engines
 
 quiet_engines()
 
@@ -58,7 +58,7 @@ def build_models(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
 
 
 def load_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
-    from benchmarks.datasets import load_benchmark
+    from vgs.eval.datasets import load_benchmark
     from vgs.prompts import prompt_ids
 
     problems = load_benchmark("math500", args.data_dir, limit=args.batch)
@@ -72,7 +72,7 @@ def param_count(path: str, value: bool) -> int:
     cfg = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         if value:
-            from value_models.modeling import Qwen2ForClassifier
+            from vgs.modeling import Qwen2ForClassifier
 
             m = Qwen2ForClassifier(cfg)
         else:

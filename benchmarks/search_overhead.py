@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.local_files import DATA_DIR, TOKENIZER_DIR, quiet_engines
+from vgs.assets import DATA_DIR, TOKENIZER_DIR, quiet_engines
 
 quiet_engines()
 
@@ -41,7 +41,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from benchmarks.datasets import load_benchmark
+    from vgs.eval.datasets import load_benchmark
     from vgs.config import EngineConfig, SamplingConfig, SearchConfig
     from vgs.engine import PolicyEngine
     from vgs.prompts import prompt_ids

@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.local_files import DATA_DIR, TOKENIZER_DIR, quiet_engines
+from vgs.assets import DATA_DIR, TOKENIZER_DIR, quiet_engines
 
 quiet_engines()
 
@@ -64,7 +64,7 @@ def run_pair(models: str, args: argparse.Namespace) -> list[dict]:
     import httpx
     import numpy as np
 
-    from benchmarks.datasets import load_benchmark
+    from vgs.eval.datasets import load_benchmark
     from vgs.aio import run_sync
     from vgs.config import EngineConfig
     from vgs.runtime import build_engines, close_engines

@@ -50,7 +50,7 @@ def model_shape(config) -> dict:
     """Parameter counts from the real module built on the meta device (no memory)."""
     import torch
 
-    from value_models.modeling import Qwen2ForClassifier
+    from vgs.modeling import Qwen2ForClassifier
 
     with torch.device("meta"):
         m = Qwen2ForClassifier(config)
@@ -123,7 +123,7 @@ def estimate(s: dict, u: Setup) -> dict[str, float]:
 
 def published_config():
     """DeepSeek-R1-Distill-Qwen-1.5B's architecture with the value head (3 labels)."""
-    from value_models.modeling import value_model_config
+    from vgs.modeling import value_model_config
 
     return value_model_config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
@@ -133,7 +133,7 @@ def published_config():
 def tiny_config():
     """The test suite's tiny model shape (head size 64, GQA), with a vocabulary small enough
     that activations, not the embedding, are a real share of the peak."""
-    from value_models.modeling import value_model_config
+    from vgs.modeling import value_model_config
 
     return value_model_config(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -148,7 +148,7 @@ def measure_cpu(config, micro_batch: int, seq_len: int, grad_ckpt: bool, dropout
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from value_models.data import Example, collate
-    from value_models.modeling import Qwen2ForClassifier
+    from vgs.modeling import Qwen2ForClassifier
     from value_models.train import TrainConfig, param_groups, sequence_losses
 
     torch.manual_seed(0)
@@ -197,7 +197,7 @@ def measure_gpu(config, micro_batch: int, seq_len: int, steps: int = 2, device: 
     import torch
 
     from value_models.data import Example, collate
-    from value_models.modeling import Qwen2ForClassifier
+    from vgs.modeling import Qwen2ForClassifier
     from value_models.train import TrainConfig, _forward, param_groups, sequence_losses
 
     dev = torch.device(device)

@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from benchmarks.local_files import TOKENIZER_DIR as DEFAULT_TOKENIZER, quiet_engines
+from vgs.assets import TOKENIZER_DIR as DEFAULT_TOKENIZER, quiet_engines
 
 quiet_engines()
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     def reprefill(seqs: list[list[int]]) -> list[float]:
         """The published approach: whole sequence, batch size 1, head on all positions."""
         nonlocal reprefill_tokens
-        from value_models.modeling import success_probs
+        from vgs.modeling import success_probs
 
         out = []
         for s in seqs:

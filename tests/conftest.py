@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import local_files
-from benchmarks.local_files import quiet_engines
+from vgs import assets as local_files
+from vgs.assets import quiet_engines
 from vgs.errors import VGSError
 
 quiet_engines()

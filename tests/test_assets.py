@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import datasets, local_files
-from benchmarks.datasets import BENCHMARKS, load_benchmark
+from vgs import assets as local_files
+from vgs.eval import datasets
+from vgs.eval.datasets import BENCHMARKS, load_benchmark
 from vgs.errors import VGSError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,11 +29,11 @@ def test_tokenizer_ships_and_loads():
 
 
 def test_shipped_benchmark_files_match_their_checksums():
-    readme = (REPO / "benchmarks" / "data" / "README.md").read_text()
+    readme = (REPO / "vgs" / "data" / "benchmarks" / "README.md").read_text()
     sums = dict((name, digest) for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, re.M))
     assert sorted(sums) == sorted(spec.local_file for spec in BENCHMARKS.values())
     for name, digest in sums.items():
-        assert hashlib.sha256((REPO / "benchmarks" / "data" / name).read_bytes()).hexdigest() == digest, name
+        assert hashlib.sha256((REPO / "vgs" / "data" / "benchmarks" / name).read_bytes()).hexdigest() == digest, name
 
 
 def test_hub_failure_falls_back_to_shipped_copy(monkeypatch, capsys):

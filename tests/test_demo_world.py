@@ -95,7 +95,7 @@ def demo_engines():
 
 def _accuracy(engines, search, problems, metric: str) -> float:
     from benchmarks.demo_world.__main__ import MAX_TOKENS
-    from benchmarks.runner import WorkItem, grade_results
+    from vgs.eval.runner import WorkItem, grade_results
     from vgs.config import SamplingConfig
     from vgs.grading import Grader
     from vgs.prompts import prompt_ids

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmarks.datasets import BENCHMARKS, load_benchmark
-from benchmarks.runner import ResultsFile
+from vgs.eval.datasets import BENCHMARKS, load_benchmark
+from vgs.eval.runner import ResultsFile
 from vgs.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_eval_majority_cli_end_to_end_and_resume(tiny_policy, data_dir, tmp_path
 
 def test_wrong_models_and_unwritable_out_fail_before_engines(tiny_policy, tiny_value, data_dir, tmp_path, capsys,
                                                              monkeypatch):
-    import benchmarks.runner as runner
+    import vgs.eval.runner as runner
 
     def no_engines(cfg):
         raise AssertionError("an engine was started before the arguments were checked")
@@ -136,7 +136,7 @@ def test_wrong_models_and_unwritable_out_fail_before_engines(tiny_policy, tiny_v
 # ---------------------------------------------------------------- shards and the results file
 
 def test_shards_are_disjoint_balanced_and_stable():
-    from benchmarks.runner import shard_of
+    from vgs.eval.runner import shard_of
 
     items = [(b, i, r) for b in ("aime24", "math500") for i in range(30) for r in range(3)]
     for k in (1, 2, 3, 7):
@@ -163,7 +163,7 @@ def test_results_file_keeps_keys_only_and_streams_rows(tmp_path):
 def test_default_budgets_are_comparable():
     """Default VGS total budget (budget x trees) equals the default majority n, in the config
     and on the command line."""
-    from benchmarks.runner import config_from_args
+    from vgs.eval.runner import config_from_args
     from vgs.cli import build_parser
     from vgs.config import SearchConfig
 

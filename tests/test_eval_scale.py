@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.vllm
 def test_two_shards_merged_equal_one_run(policy_engine, tiny_policy, data_dir, tmp_path, monkeypatch, capsys):
     """Same seeds: shard 0 + shard 1 merged by `vgs report` give the single run's rows and table."""
-    import benchmarks.runner as runner
-    from benchmarks.report import merge_runs, run_report, summarize
-    from benchmarks.runner import EvalConfig, run_eval
+    import vgs.eval.runner as runner
+    from vgs.eval.report import merge_runs, run_report, summarize
+    from vgs.eval.runner import EvalConfig, run_eval
     from vgs.config import SamplingConfig, SearchConfig
     from vgs.search import Engines
 

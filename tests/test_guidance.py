@@ -176,7 +176,7 @@ def test_params_validation(tiny_value, tiny_policy):
 
 def hf_success_logits(hf, seq: list[int], cands: list[int]) -> torch.Tensor:
     """ℓ = log p − log(1 − p) of prefix + c for each candidate, by full HF forwards."""
-    from value_models.modeling import success_probs
+    from vgs.modeling import success_probs
 
     out = []
     with torch.no_grad():
@@ -189,7 +189,7 @@ def hf_success_logits(hf, seq: list[int], cands: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def value_hf(tiny_value):
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
 
     return load_value_model(tiny_value)
 
@@ -512,7 +512,7 @@ def make_marker_value(path: str, tokenizer_dir: str, marker: int, p_marker: floa
     """A real-format value model whose success probability is exactly `p_marker` when the last
     token is `marker` and `p_other` otherwise: attention and MLP outputs are zeroed, so the
     last hidden state is norm(embedding of the last token), and the head reads one coordinate."""
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
     from vgs.tiny import make_tiny
 
     make_tiny("value", tokenizer_dir, path, layers=1, hidden=128, seed=3, num_labels=1)
@@ -709,8 +709,8 @@ def test_guidance_budget_through_vllm_eval_keeps_going(tiny_policy, tiny_value, 
     the same engine then guides a request that fits."""
     import io
 
-    import benchmarks.runner as runner
-    from benchmarks.runner import EvalConfig, run_eval
+    import vgs.eval.runner as runner
+    from vgs.eval.runner import EvalConfig, run_eval
     from vgs.config import EngineConfig, SamplingConfig, SearchConfig
     from vgs.engine import GenRequest, PolicyEngine
     from vgs.guidance.params import GuideParams

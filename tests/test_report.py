@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from benchmarks.report import budget_curve, format_table, plot_accuracy_vs_budget, summarize
+from vgs.eval.report import budget_curve, format_table, plot_accuracy_vs_budget, summarize
 from vgs.config import SearchConfig
 from vgs.grading import vote
 

@@ -21,7 +21,7 @@ import torch
 
 from value_models.data import Example, StepSampler, ValueDataset, collate, length_buckets, split_by_problem
 from vgs.errors import VGSError
-from value_models.modeling import token_level_loss
+from vgs.modeling import token_level_loss
 from value_models.train import binary_metrics, lr_at, sequence_losses, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_loss_matches_reference_and_packing():
 
 
 def test_packed_forward_equals_padded(tiny_value):
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
 
     model = load_value_model(tiny_value)
     ex = _examples()
@@ -264,7 +264,7 @@ def uninterrupted(train_setup):
 
 
 def test_ddp_loss_decreases_and_checkpoint_loads(uninterrupted):
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
 
     losses = [float(v) for _, v in _losses(uninterrupted)]
     assert len(losses) == 8
@@ -291,7 +291,7 @@ def test_single_process_bce_head_checkpointing_and_pack_refusal(train_setup, cap
     """One process, no torchrun: raw Parquet data (prepared into OUT/.data_cache), 1-label
     (BCE) head, gradient checkpointing, epochs-based length, explicit validation data.
     Packing without varlen attention is refused in one line."""
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
     from value_models.train import Dist, TrainConfig, load_data, main, train
 
     root, common = train_setup
@@ -356,7 +356,7 @@ def test_fsdp_sharded_checkpoints_resume_and_export(train_setup, uninterrupted):
     """FSDP matches DDP; its checkpoints are per-rank shards (nothing gathered, no full
     optimizer state anywhere), resume reads them, and export consolidates them."""
     from value_models.export import main as export_main
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
 
     root, common = train_setup
     out = root / "fsdp"

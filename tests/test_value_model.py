@@ -105,8 +105,8 @@ def probe_seqs():
 # ---------------------------------------------------------------- layout and loading (no vLLM)
 
 def test_plugin_entry_point_registers_architecture():
-    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value == "value_models.vllm_plugin:register"]
-    assert eps, "vllm.general_plugins entry point for value_models.vllm_plugin:register is not installed"
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value == "vgs.vllm_plugin:register"]
+    assert eps, "vllm.general_plugins entry point for vgs.vllm_plugin:register is not installed"
     eps[0].load()()
     from vllm import ModelRegistry
 
@@ -117,7 +117,7 @@ def test_plugin_entry_point_registers_architecture():
 
 @pytest.mark.parametrize("which", ["plain3", "plain1"])
 def test_plain_checkpoint_loads_in_load_value_model(which, request, probe_seqs):
-    from value_models.modeling import load_value_model
+    from vgs.modeling import load_value_model
 
     ref, path = request.getfixturevalue(which)
     want = ref.values(probe_seqs)
@@ -145,7 +145,7 @@ def test_plain_checkpoint_hf_backend(which, request, probe_seqs):
 def test_save_pretrained_round_trip_keeps_layout(plain3, tmp_path, probe_seqs):
     from safetensors import safe_open
 
-    from value_models.modeling import Qwen2ForClassifier
+    from vgs.modeling import Qwen2ForClassifier
 
     ref, path = plain3
     m = Qwen2ForClassifier.from_pretrained(path, dtype=torch.float32)
@@ -170,7 +170,7 @@ def test_auto_classes_round_trip(plain3, tmp_path, probe_seqs):
     from a config and from a checkpoint, and a saved model comes back the same."""
     from transformers import AutoConfig, AutoModelForTokenClassification, Qwen2ForTokenClassification
 
-    from value_models.modeling import AutoValueModel, Qwen2ForClassifier
+    from vgs.modeling import AutoValueModel, Qwen2ForClassifier
 
     ref, path = plain3
     cfg = AutoConfig.from_pretrained(path)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-import benchmarks.runner as runner
-from benchmarks.runner import EvalConfig, run_eval
+import vgs.eval.runner as runner
+from vgs.eval.runner import EvalConfig, run_eval
 from vgs.config import SamplingConfig, SearchConfig
 from vgs.search import Engines
 

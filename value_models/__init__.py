@@ -1,2 +1,3 @@
-"""Token-level value models: the published layout (HF class), the vLLM pooling class,
-data collection, training and Q# rounds."""
+"""Training of token-level value models: data collection (roll-ins, roll-outs, labels),
+preparation, training (DDP/FSDP), export, Q# rounds and A*-PO. The model class itself lives in
+`vgs.modeling`."""

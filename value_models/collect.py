@@ -214,17 +214,15 @@ class CollectConfig:
 
 
 def load_problems(cfg: CollectConfig) -> list[Problem]:
-    """A benchmark name (see `benchmarks.datasets`), a local JSONL/JSON/Parquet file or
+    """A benchmark name (see `vgs.eval.datasets`), a local JSONL/JSON/Parquet file or
     directory, or a Hub dataset id. Fields: `--problem-field` (default problem/question),
     `--answer-field` (default answer; if there is none but a `solution` column, the last
     boxed answer of the solution), `--id-field` (default id/unique_id/problem_idx, else the
     row number)."""
     import pandas as pd
 
-    try:
-        from benchmarks.datasets import BENCHMARKS, load_benchmark
-    except ImportError:  # benchmarks is optional for collection
-        BENCHMARKS, load_benchmark = {}, None
+    from vgs.eval.datasets import BENCHMARKS, load_benchmark
+
     src = cfg.problems
     if src in BENCHMARKS and not os.path.exists(src):
         probs = [Problem(p.id, p.problem, p.answer) for p in load_benchmark(src, cfg.data_dir)]

@@ -28,7 +28,7 @@ def export_checkpoint(ckpt: str, out: str | None = None) -> str:
     import torch.distributed.checkpoint as dcp
     from transformers import Qwen2Config
 
-    from value_models.modeling import Qwen2ForClassifier
+    from vgs.modeling import Qwen2ForClassifier
     from value_models.train import DCP_DIR
 
     shards = os.path.join(ckpt, DCP_DIR)

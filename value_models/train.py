@@ -14,7 +14,7 @@ What one optimizer step does (the published recipe, see docs/training.md):
 - clip the global gradient norm, AdamW step with the warmup + cosine learning rate.
 
 Checkpoints are `save_pretrained` directories of `Qwen2ForClassifier` (the published layout,
-loadable by `value_models.modeling.load_value_model` and the scorer) plus `trainer_state.pt`
+loadable by `vgs.modeling.load_value_model` and the scorer) plus `trainer_state.pt`
 (step, sampler position, every rank's RNG; with DDP also the optimizer). With `--fsdp` the
 model and optimizer state are per-rank shards (`dcp/`, torch.distributed.checkpoint), and the
 model is consolidated only on export. They are written into a temporary directory and
@@ -227,7 +227,7 @@ def build_model(cfg: TrainConfig, source: str, main: bool):
     from transformers import Qwen2Config
     from transformers.utils import logging as hf_logging
 
-    from value_models.modeling import ARCHITECTURE, LABEL_NAMES, Qwen2ForClassifier, is_value_checkpoint
+    from vgs.modeling import ARCHITECTURE, LABEL_NAMES, Qwen2ForClassifier, is_value_checkpoint
 
     if not os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")) and source.startswith(("/", ".")):
         raise VGSError(f"--init {source!r} does not exist")
@@ -561,7 +561,7 @@ def evaluate(model, ds, val_idx: np.ndarray, cfg: TrainConfig, d: Dist, pad_id: 
     import torch
 
     from value_models.data import collate, length_buckets
-    from value_models.modeling import success_probs
+    from vgs.modeling import success_probs
 
     mine = val_idx[d.rank:: d.world].tolist()
     buckets = length_buckets(mine, ds.lengths, cfg.micro_batch_size)

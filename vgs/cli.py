@@ -15,9 +15,9 @@ from vgs.errors import VGSError
 # module paths that expose `register(subparsers)`
 COMMAND_MODULES = [
     "vgs.commands.make_tiny",
-    "benchmarks.runner",
+    "vgs.eval.runner",
     "vgs.server",
-    "benchmarks.report",
+    "vgs.eval.report",
     "value_models.collect",
     "value_models.rounds",
     "value_models.apo_vstar",

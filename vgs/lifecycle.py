@@ -6,7 +6,7 @@ spawns. When the parent exits normally it shuts them down, but a parent killed o
 init, still spinning and, on a GPU, still holding its memory, so the resumed run cannot
 start. `die_with_parent()` asks the kernel (Linux `prctl(PR_SET_PDEATHSIG)`) to SIGKILL the
 calling process as soon as its parent dies. It runs inside every vLLM process through the
-`vllm.general_plugins` entry point (`value_models/vllm_plugin.py`), and acts only in vLLM's
+`vllm.general_plugins` entry point (`vgs/vllm_plugin.py`), and acts only in vLLM's
 own children (engine cores, workers), never in the user's process.
 
 Caveat: Linux delivers the signal when the *thread* that spawned the child exits, so an

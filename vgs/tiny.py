@@ -65,7 +65,7 @@ def make_tiny(kind: str, tokenizer_dir: str, out: str, layers: int = 2, hidden: 
     if kind == "policy":
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
     else:
-        from value_models.modeling import Qwen2ForClassifier, value_model_config
+        from vgs.modeling import Qwen2ForClassifier, value_model_config
 
         model = Qwen2ForClassifier(value_model_config(num_labels=num_labels, **kwargs))
     model = model.to(torch.float32).eval()

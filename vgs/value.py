@@ -85,7 +85,7 @@ def _read_config(model: str) -> dict[str, Any]:
 
 def check_value_config(cfg: dict[str, Any], model: str) -> None:
     """Reject checkpoints that are not in the published value-model layout."""
-    from value_models.modeling import ARCHITECTURE
+    from vgs.modeling import ARCHITECTURE
 
     archs = cfg.get("architectures") or []
     if ARCHITECTURE not in archs:
@@ -101,7 +101,7 @@ def count_value_params(model: str) -> int:
         import torch
         from transformers import AutoConfig
 
-        from value_models.modeling import Qwen2ForClassifier
+        from vgs.modeling import Qwen2ForClassifier
 
         cfg = AutoConfig.from_pretrained(model)
         with torch.device("meta"):
@@ -171,7 +171,7 @@ class _ValueMemo:
 
 def _prob_at(probs: Sequence[float]) -> float:
     """Success probability from the activated class scores (3 classes: index 1; 1 class: itself)."""
-    from value_models.modeling import SUCCESS_CLASS
+    from vgs.modeling import SUCCESS_CLASS
 
     return float(probs[SUCCESS_CLASS] if len(probs) > 1 else probs[0])
 
@@ -446,7 +446,7 @@ class HFValueScorer:
         import torch
 
         from vgs.engine import check_model_path
-        from value_models.modeling import load_value_model
+        from vgs.modeling import load_value_model
 
         check_model_path(model)
         hf_cfg = _read_config(model)
@@ -547,7 +547,7 @@ class HFValueScorer:
             hidden = out.last_hidden_state
             last = torch.tensor([n - 1 for n in new], device=dev)
             h_last = hidden[torch.arange(b, device=dev), last]
-            from value_models.modeling import success_probs
+            from vgs.modeling import success_probs
 
             values = success_probs(model.score(h_last).float()).tolist()
             kv_out = out.past_key_values
@@ -585,7 +585,7 @@ class HFValueScorer:
         import torch
         from transformers import DynamicCache
 
-        from value_models.modeling import success_probs
+        from vgs.modeling import success_probs
 
         model, dev = self.model, self.device
         src, reuse = self.store.best(np.asarray(ids, dtype=np.int64))

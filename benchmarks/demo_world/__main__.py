@@ -4,7 +4,7 @@
 
 Runs the shipped pair (`models/policy`, `models/value`; rebuild with
 `python -m benchmarks.demo_world.build --force`) through the project's own search code
-(`vgs.search.run_search`) and grading (`benchmarks.runner.grade_results`):
+(`vgs.search.run_search`) and grading (`vgs.eval.runner.grade_results`):
 
 - one set of N independent samples per problem (temperature 1), scored by the value model:
   pass@1, majority vote, best-of-N and weighted majority all read it;
@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from benchmarks.local_files import REPO, quiet_engines
+from vgs.assets import REPO, quiet_engines
 
 quiet_engines()
 
@@ -61,7 +61,7 @@ def run_method(name: str, search, problems, engines, sampling, out_dir: str, see
     """Run (or resume) one method over the problems; returns the graded rows in problem order."""
     from tqdm import tqdm
 
-    from benchmarks.runner import ResultsFile, WorkItem, grade_results
+    from vgs.eval.runner import ResultsFile, WorkItem, grade_results
     from vgs.grading import Grader
     from vgs.prompts import prompt_ids
     from vgs.search import derive_seed, run_search
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args) -> int:
     import pandas as pd
 
-    from benchmarks.report import budget_curve
+    from vgs.eval.report import budget_curve
     from vgs.config import EngineConfig, SamplingConfig, SearchConfig
     from vgs.engine import PolicyEngine
     from vgs.search import Engines
@@ -233,7 +233,7 @@ def plot(curve, vgs_points: list[tuple[int, float]], path: str, split: str = "he
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.report import save_budget_plot
+    from vgs.eval.report import save_budget_plot
 
     names = {"maj": "majority vote", "wmaj": "weighted majority", "bon": "best-of-N"}
     fig, ax = plt.subplots(figsize=(6, 4))

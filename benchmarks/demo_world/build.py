@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 from benchmarks.demo_world import MODELS_DIR, POLICY_DIR, VALUE_DIR, task
 from benchmarks.demo_world.policy import PolicyConfig, train_policy
-from benchmarks.local_files import REPO
+from vgs.assets import REPO
 
 COLLECT_SEED = 1  # the collection's problems: a train split of their own seed
 

@@ -25,7 +25,7 @@ Why this task shows search at work (issue 12):
 
 Splits are by a hash of the problem text, so train and held-out problems can never overlap,
 whatever seeds and sizes are drawn: `make_split("train", n, seed)` /
-`make_split("heldout", n, seed)` return `benchmarks.datasets.Problem` records.
+`make_split("heldout", n, seed)` return `vgs.eval.datasets.Problem` records.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from benchmarks.datasets import Problem
+from vgs.eval.datasets import Problem
 from vgs.errors import VGSError
 
 BENCHMARK = "demo_world"

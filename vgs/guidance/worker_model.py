@@ -79,7 +79,7 @@ class CachedValueModel:
     def __init__(self, path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  histogram_atoms: torch.Tensor | None = None, budget_gib: float | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE):
-        from value_models.modeling import load_value_model
+        from vgs.modeling import load_value_model
 
         device = torch.device(device)
         if dtype is None:
@@ -367,7 +367,7 @@ class CachedValueModel:
             return CandidateScores(atom_logprobs=torch.log_softmax(logits, -1), atoms=self.atoms)
         if self.num_labels == 1:
             return CandidateScores(success_logit=logits[..., 0])
-        from value_models.modeling import SUCCESS_CLASS
+        from vgs.modeling import SUCCESS_CLASS
 
         others = torch.cat([logits[..., :SUCCESS_CLASS], logits[..., SUCCESS_CLASS + 1:]], dim=-1)
         return CandidateScores(success_logit=logits[..., SUCCESS_CLASS] - torch.logsumexp(others, -1))

@@ -27,7 +27,7 @@ def value_model_params(path: str) -> int:
     try:
         import torch
 
-        from value_models.modeling import Qwen2ForClassifier
+        from vgs.modeling import Qwen2ForClassifier
         from vgs.guidance.params import resolve_value_model_path
 
         from transformers import AutoConfig

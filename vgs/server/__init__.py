@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "at full length); as much again may queue, beyond that requests get 429")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a search is cancelled (504)")
     p.add_argument("--data-parallel-size", type=int, default=1, help="vLLM data parallelism (policy engine)")
-    from benchmarks.runner import add_engine_args
+    from vgs.eval.runner import add_engine_args
 
     add_engine_args(p)
     p.set_defaults(func=run_cli)
@@ -128,7 +128,7 @@ def start_server(state: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from benchmarks.runner import engine_kwargs
+    from vgs.eval.runner import engine_kwargs
     from vgs.config import EngineConfig
     from vgs.runtime import build_engines, close_engines
 

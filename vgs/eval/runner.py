@@ -25,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from benchmarks.datasets import BENCHMARKS, Problem, load_benchmark
+from vgs.eval.datasets import BENCHMARKS, Problem, load_benchmark
 from vgs.config import SELECTIONS, EngineConfig, search_config_from_dict, SamplingConfig, SearchConfig
 from vgs.errors import VGSError
 from vgs.prompts import DEFAULT_USER_TEMPLATE
@@ -117,7 +117,7 @@ def check_models(cfg: EvalConfig) -> None:
     """Paths exist and each model is the kind its flag asks for, before any engine starts
     (a value model passed as --policy would otherwise crash inside vLLM, and a policy passed
     as --value-model would be refused only after the policy engine had loaded)."""
-    from value_models.modeling import ARCHITECTURE
+    from vgs.modeling import ARCHITECTURE
     from vgs.engine import check_model_path
 
     check_model_path(cfg.policy)
@@ -375,7 +375,7 @@ def run_eval(cfg: EvalConfig) -> "Any":
     """Run (or resume) an evaluation; returns the summary DataFrame."""
     from tqdm import tqdm
 
-    from benchmarks.report import budget_curve, format_table, plot_accuracy_vs_budget, sort_rows, summarize
+    from vgs.eval.report import budget_curve, format_table, plot_accuracy_vs_budget, sort_rows, summarize
     from vgs.search import derive_seed
 
     cfg.validate()
@@ -469,7 +469,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (re-run with the same --out to resume)")
     p.add_argument("--data-dir", default=None, help="read benchmarks from DIR/<name>.jsonl instead of the Hub "
                                                     "(default: $VGS_DATA_DIR; without either, the Hub, falling "
-                                                    "back to the copy shipped in benchmarks/data)")
+                                                    "back to the copy shipped in vgs/data/benchmarks)")
     p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
     p.add_argument("--batch-size", type=int, default=64, help="problems in flight at most (each is saved as it finishes)")
     p.add_argument("--max-sequences", type=int, default=None,

@@ -16,7 +16,7 @@ needs its own class. This one:
   which vLLM serves without prefix-cache reads.
 
 It is registered under the architecture name `Qwen2ForClassifier` by
-`value_models.vllm_plugin.register` (a `vllm.general_plugins` entry point, so spawned
+`vgs.vllm_plugin.register` (a `vllm.general_plugins` entry point, so spawned
 workers see it too).
 """
 

@@ -1,7 +1,7 @@
 """Benchmark registry: the competition-math sets the toolkit reports on.
 
 Default source is the Hugging Face Hub (the same ids the published results use). When the Hub
-does not answer (offline, no network) the copy shipped in `benchmarks/data/` is used, with one
+does not answer (offline, no network) the copy shipped in `vgs/data/benchmarks/` is used, with one
 line on stderr saying so. With a data dir (`--data-dir DIR` or `VGS_DATA_DIR`) each set is read
 from `DIR/<file>.jsonl` (fields `id`, `problem`, `answer`, as in the shipped copy). Every loader
 returns the same `Problem` records, so nothing downstream knows where a set came from.
@@ -20,7 +20,7 @@ import pandas as pd
 from vgs.errors import VGSError
 
 DATA_DIR_ENV = "VGS_DATA_DIR"
-SHIPPED_DATA_DIR = str(Path(__file__).resolve().parent / "data")
+SHIPPED_DATA_DIR = str(Path(__file__).resolve().parents[1] / "data" / "benchmarks")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def load_hub(name: str) -> list[Problem]:
 
 def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = None) -> list[Problem]:
     """Problems of one benchmark: from `data_dir` (or $VGS_DATA_DIR) if given, else the Hub,
-    else (the Hub does not answer) the copy shipped in `benchmarks/data/`."""
+    else (the Hub does not answer) the copy shipped in `vgs/data/benchmarks/`."""
     if name not in BENCHMARKS:
         raise VGSError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)

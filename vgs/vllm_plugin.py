@@ -17,4 +17,4 @@ def register() -> None:
     die_with_parent()
     no_busy_wait()
     if "Qwen2ForClassifier" not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model("Qwen2ForClassifier", "value_models.vllm_model:Qwen2ForClassifierPooling")
+        ModelRegistry.register_model("Qwen2ForClassifier", "vgs.vllm_model:Qwen2ForClassifierPooling")

@@ -1,8 +1,8 @@
-"""The assets shipped inside the repository for offline use: the real DeepSeek-R1-Distill
+"""The assets shipped inside the package (`vgs/data/`) for offline use: the real DeepSeek-R1-Distill
 tokenizer (tests and demos build tiny models with it) and the offline copy of the benchmark
-registry. Nothing here reads anything outside the repository; `VGS_TOKENIZER_DIR` and
+registry. Nothing here reads anything outside the package; `VGS_TOKENIZER_DIR` and
 `VGS_DATA_DIR` point elsewhere when wanted. `quiet_engines()` sets the environment every
-script here wants before vLLM is imported.
+script wants before vLLM is imported.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks.datasets import SHIPPED_DATA_DIR
+from vgs.eval.datasets import SHIPPED_DATA_DIR
 from vgs.errors import VGSError
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(__file__).resolve().parent
-TOKENIZER_DIR = Path(os.environ.get("VGS_TOKENIZER_DIR") or PACKAGE / "assets" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b")
+TOKENIZER_DIR = Path(os.environ.get("VGS_TOKENIZER_DIR") or PACKAGE / "data" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b")
 DATA_DIR = Path(os.environ.get("VGS_DATA_DIR") or SHIPPED_DATA_DIR)
 
 

@@ -13,9 +13,9 @@ thing on a GPU:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from vgs import assets as local_files
-from vgs.assets import REPO
 from vgs.errors import VGSError
 
 
@@ -28,7 +28,7 @@ def main() -> int:
     except VGSError as exc:
         print(f"vgs demo: error: {exc}", file=sys.stderr)
         return 2
-    cache = REPO / ".cache" / "demo"
+    cache = Path(".cache", "demo").resolve()  # outputs go under the current directory
     cache.mkdir(parents=True, exist_ok=True)
     print("=" * 88)
     print("vgs demo: NOTE — no trained demo model is available offline, so this runs the real")
@@ -42,7 +42,7 @@ def main() -> int:
     args = ["eval", "--benchmark", "aime24", "--policy", str(policy), "--method", "vgs",
             "--value-model", str(value), "--budget", "4", "--beam-width", "2", "--block-size", "64",
             "--trees", "2", "--max-tokens", "256", "--temperature", "1.0", "--top-p", "1.0",
-            "--out", str(REPO / "runs" / "demo"), "--no-save-text",
+            "--out", str(Path("runs", "demo").resolve()), "--no-save-text",
             "--kv-cache-gib", "1", "--value-kv-cache-gib", "1", "--max-model-len", "2048",
             "--data-dir", data]
     print("$ vgs " + " ".join(args), flush=True)

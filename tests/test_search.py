@@ -200,7 +200,7 @@ def test_same_results_alone_or_concurrent():
 
 
 def test_registry_and_search_object_parsing():
-    from vgs.config import search_config_from_dict
+    from vgs.search.methods import search_config_from_dict
     from vgs.search.methods import METHOD_REGISTRY
 
     assert set(METHOD_REGISTRY) == {"sample", "majority", "best_of_n", "weighted_majority", "vgs", "qsharp", "cd"}

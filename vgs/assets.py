@@ -13,8 +13,11 @@ from pathlib import Path
 from vgs.eval.datasets import SHIPPED_DATA_DIR
 from vgs.errors import VGSError
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(__file__).resolve().parent
+# The directory above the package: the repository root in a checkout, site-packages when
+# installed. Read-only for vgs (only named in an error message); outputs go to `--out` or
+# the current directory, never next to the package.
+REPO = PACKAGE.parent
 TOKENIZER_DIR = Path(os.environ.get("VGS_TOKENIZER_DIR") or PACKAGE / "data" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b")
 DATA_DIR = Path(os.environ.get("VGS_DATA_DIR") or SHIPPED_DATA_DIR)
 
@@ -22,8 +25,9 @@ DATA_DIR = Path(os.environ.get("VGS_DATA_DIR") or SHIPPED_DATA_DIR)
 def require_dir(path: Path, what: str) -> str:
     """`path` as a string, or one clear error naming the missing asset and how to supply it."""
     if not (path.is_dir() and any(path.iterdir())):
-        raise VGSError(f"missing {what} at {path} (it ships with the repository; restore it with "
-                       f"`git checkout -- {path.relative_to(REPO) if path.is_relative_to(REPO) else path}` "
+        where = (f"reinstall vgs, or in a checkout `git checkout -- {path.relative_to(REPO)}`"
+                 if path.is_relative_to(PACKAGE) else "check the path")
+        raise VGSError(f"missing {what} at {path} (it ships with the vgs package: {where}; "
                        f"or point the environment variable at a copy)")
     return str(path)
 

@@ -1,9 +1,11 @@
 """One config type per concern, validated once (DESIGN rule 3).
 
-The CLI flags and the HTTP `search` object both parse into these dataclasses
-(`search_config_from_dict`) and call `.validate()`; every range check lives here, so error
-messages are the same everywhere. Which `SearchConfig` fields apply to which method is the
-method registry's knowledge (`vgs.search.methods`); a field that does not apply is an error.
+The CLI flags and the HTTP `search` object both parse into these dataclasses and call
+`.validate()`; every range check lives here, so error messages are the same everywhere.
+Configs hold data only: which `SearchConfig` fields apply to which method is the method
+registry's knowledge, so the parser of a `search` object
+(`vgs.search.methods.search_config_from_dict`) lives with the registry and reads these types;
+this module imports nothing from `vgs.search` (no import circle).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ METHODS = SAMPLING_METHODS + ("vgs",) + GUIDED_METHODS
 SELECTIONS = ("global", "per-parent", "random")
 
 
-def _check(cond: bool, msg: str, param: str | None = None) -> None:
+def check(cond: bool, msg: str, param: str | None = None) -> None:
     if not cond:
         raise ConfigError(msg, param=param)
 
@@ -36,11 +38,11 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)  # stop strings (the server's `stop`); EOS always stops
 
     def validate(self) -> "SamplingConfig":
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}", "temperature")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
-        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}", "seed")
-        _check(all(isinstance(x, str) and x for x in self.stop), "stop must be a list of non-empty strings", "stop")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}", "temperature")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}", "seed")
+        check(all(isinstance(x, str) and x for x in self.stop), "stop must be a list of non-empty strings", "stop")
         return self
 
 
@@ -75,59 +77,21 @@ class SearchConfig:
         return self.budget * self.trees if self.method == "vgs" else self.n
 
     def validate(self) -> "SearchConfig":
-        _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}", "method")
-        _check(self.n >= 1, f"n must be >= 1, got {self.n}", "n")
+        check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}", "method")
+        check(self.n >= 1, f"n must be >= 1, got {self.n}", "n")
         if self.method == "vgs":
-            _check(self.beam_width >= 1, f"beam width must be >= 1, got {self.beam_width}", "beam_width")
-            _check(self.budget >= self.beam_width, f"budget ({self.budget}) must be >= beam width ({self.beam_width})", "budget")
-            _check(self.budget % self.beam_width == 0,
+            check(self.beam_width >= 1, f"beam width must be >= 1, got {self.beam_width}", "beam_width")
+            check(self.budget >= self.beam_width, f"budget ({self.budget}) must be >= beam width ({self.beam_width})", "budget")
+            check(self.budget % self.beam_width == 0,
                    f"budget ({self.budget}) must be a multiple of beam width ({self.beam_width})", "budget")
-            _check(self.block_size >= 1, f"block size must be >= 1, got {self.block_size}", "block_size")
-            _check(self.trees >= 1, f"trees must be >= 1, got {self.trees}", "trees")
-            _check(self.selection in SELECTIONS, f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}",
+            check(self.block_size >= 1, f"block size must be >= 1, got {self.block_size}", "block_size")
+            check(self.trees >= 1, f"trees must be >= 1, got {self.trees}", "trees")
+            check(self.selection in SELECTIONS, f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}",
                    "selection")
         if self.method in GUIDED_METHODS:
-            _check(self.eta > 0, f"eta must be > 0, got {self.eta}", "eta")
-            _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}", "top_k")
+            check(self.eta > 0, f"eta must be > 0, got {self.eta}", "eta")
+            check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}", "top_k")
         return self
-
-
-def search_config_from_dict(d: dict[str, Any], param_prefix: str = "") -> SearchConfig:
-    """Parse a `search` object (HTTP body, CLI flags given) into a validated SearchConfig.
-    Unknown keys, wrong types and keys that do not apply to the method are errors naming the
-    key; defaults fill the rest."""
-    from vgs.search.methods import METHOD_REGISTRY
-
-    if not isinstance(d, dict):
-        raise ConfigError("search must be an object", param=param_prefix.rstrip(".") or None)
-    method = d.get("method", SearchConfig.method)
-    _check(isinstance(method, str) and method in METHOD_REGISTRY,
-           f"unknown method {method!r}; choose one of {', '.join(METHOD_REGISTRY)}", param_prefix + "method")
-    spec = METHOD_REGISTRY[method]
-    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
-    kw: dict[str, Any] = {"method": method}
-    for k, v in d.items():
-        if k == "method":
-            continue
-        _check(k in fields, f"unknown search option {k!r}; options of {method!r}: "
-               f"{', '.join(spec.options) or 'none'}", param_prefix + k)
-        _check(k in spec.options, f"option {k!r} does not apply to method {method!r} (its options: "
-               f"{', '.join(spec.options) or 'none'})", param_prefix + k)
-        want = type(getattr(SearchConfig(), k))
-        ok = (isinstance(v, bool) if want is bool else
-              isinstance(v, int) and not isinstance(v, bool) if want is int else
-              isinstance(v, (int, float)) and not isinstance(v, bool) and v == v if want is float else
-              isinstance(v, want))
-        _check(ok, f"search option {k!r} must be {'a number' if want is float else want.__name__}, got {v!r}",
-               param_prefix + k)
-        kw[k] = float(v) if want is float else v
-    cfg = SearchConfig(**kw)
-    try:
-        return cfg.validate()
-    except ConfigError as exc:
-        if exc.param and param_prefix:
-            exc.param = param_prefix + exc.param
-        raise
 
 
 @dataclass
@@ -151,15 +115,15 @@ class EngineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "EngineConfig":
-        _check(bool(self.model), "a model path or Hub id is required")
-        _check(0 < self.gpu_memory_utilization <= 1,
+        check(bool(self.model), "a model path or Hub id is required")
+        check(0 < self.gpu_memory_utilization <= 1,
                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        _check(self.kv_cache_gib is None or self.kv_cache_gib > 0, f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
-        _check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        _check(self.guidance_kv_gib is None or self.guidance_kv_gib > 0,
+        check(self.kv_cache_gib is None or self.kv_cache_gib > 0, f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        check(self.guidance_kv_gib is None or self.guidance_kv_gib > 0,
                f"guidance_kv_gib must be > 0, got {self.guidance_kv_gib}")
-        _check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
-        _check(self.max_model_len is None or self.max_model_len >= 16, f"max_model_len too small: {self.max_model_len}")
+        check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        check(self.max_model_len is None or self.max_model_len >= 16, f"max_model_len too small: {self.max_model_len}")
         return self
 
 

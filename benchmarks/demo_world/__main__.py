@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="heldout (the report) or dev: train-split problems (seed %d, none of the build's) to "
                         "check settings on without ever looking at held-out" % DEV_SEED)
     p.add_argument("--n", type=int, default=16, help="generation budget per problem (a power of two >= 4)")
-    p.add_argument("--out", default=str(REPO / "runs" / "demo_world"))
+    p.add_argument("--out", default="runs/demo_world")  # relative to the current directory
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-qsharp", dest="qsharp", action="store_false", help="skip Q#")
     p.add_argument("--policy", default=str(POLICY_DIR))

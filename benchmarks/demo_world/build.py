@@ -34,7 +34,7 @@ COLLECT_SEED = 1  # the collection's problems: a train split of their own seed
 
 @dataclass
 class BuildConfig:
-    work: str = str(REPO / ".cache" / "demo_world" / "build")
+    work: str = os.path.abspath(os.path.join(".cache", "demo_world", "build"))  # under the current directory
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     collect_problems: int = 1000
     samples_per_problem: int = 4

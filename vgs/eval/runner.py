@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from vgs.eval.datasets import BENCHMARKS, Problem, load_benchmark
-from vgs.config import SELECTIONS, EngineConfig, search_config_from_dict, SamplingConfig, SearchConfig
+from vgs.config import SELECTIONS, EngineConfig, SamplingConfig, SearchConfig
 from vgs.errors import VGSError
 from vgs.prompts import DEFAULT_USER_TEMPLATE
 
-from vgs.search.methods import METHOD_REGISTRY, get_method
+from vgs.search.methods import METHOD_REGISTRY, get_method, search_config_from_dict
 
 
 @dataclass

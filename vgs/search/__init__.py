@@ -12,36 +12,14 @@ and waits. There is no second implementation.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from vgs.config import SamplingConfig, SearchConfig
-from vgs.engine import PolicyBackend
 from vgs.errors import VGSError
 from vgs.records import SearchResult
+from vgs.search.common import Engines, SearchEvents, derive_seed
 
-
-@dataclass
-class Engines:
-    policy: PolicyBackend
-    value: Any = None  # a vgs.value scorer (sync); searches reach it through vgs.batcher
-    value_model: str | None = None  # path/id of the value model (the guidance processor loads it in-worker)
-
-
-class SearchEvents:
-    """Progress hooks a caller may pass (the server streams them; eval shows them)."""
-
-    def round(self, tree: int, round: int, active: int, best_value: float | None) -> None:  # noqa: A002
-        pass
-
-
-def derive_seed(*parts: Any) -> int:
-    """A stable 31-bit seed from any parts (base seed, benchmark, problem id, repetition, ...).
-    Per-item seeds make results independent of batching and of where a resumed run restarts
-    (bit-identical on CPU; on a GPU same seeds and distribution, see README "Determinism")."""
-    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+__all__ = ["Engines", "SearchEvents", "derive_seed", "search", "check_engines", "check_lengths", "run_search"]
 
 
 async def search(prompt: list[int], seed: int, engines: Engines, cfg: SearchConfig, sampling: SamplingConfig,

@@ -27,7 +27,7 @@ from typing import Any
 from vgs.config import SamplingConfig, SearchConfig
 from vgs.engine import GenRequest
 from vgs.records import Candidate, Compute, SearchResult
-from vgs.search import derive_seed
+from vgs.search.common import derive_seed
 from vgs.search.scoring import score
 
 

@@ -6,15 +6,17 @@ it: config parsing, the eval fingerprint, the server schema, finalize.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from vgs.errors import VGSError
+from vgs.config import SearchConfig, check
+from vgs.errors import ConfigError, VGSError
 
 if TYPE_CHECKING:
-    from vgs.config import SamplingConfig, SearchConfig
+    from vgs.config import SamplingConfig
     from vgs.records import SearchResult
-    from vgs.search import Engines, SearchEvents
+    from vgs.search.common import Engines, SearchEvents
 
 SearchFn = Callable[[list[int], int, "Engines", "SearchConfig", "SamplingConfig", "SearchEvents | None"],
                     Awaitable["SearchResult"]]
@@ -41,7 +43,7 @@ class Method:
 async def _sample(prompt, seed, engines, cfg, sampling, events):
     from vgs.search.sample import sample_n
 
-    return await sample_n(prompt, seed, engines, cfg, sampling, events)
+    return await sample_n(prompt, seed, engines, cfg, sampling, events, scored=METHOD_REGISTRY[cfg.method].needs_scorer)
 
 
 async def _beam(prompt, seed, engines, cfg, sampling, events):
@@ -80,3 +82,39 @@ def get_method(name: str) -> Method:
     except KeyError:
         raise VGSError(f"unknown method {name!r}; choose one of {', '.join(METHOD_REGISTRY)}",
                        param="search.method") from None
+
+
+def search_config_from_dict(d: dict[str, Any], param_prefix: str = "") -> SearchConfig:
+    """Parse a `search` object (HTTP body, CLI flags given) into a validated SearchConfig.
+    Unknown keys, wrong types and keys that do not apply to the method are errors naming the
+    key; defaults fill the rest."""
+    if not isinstance(d, dict):
+        raise ConfigError("search must be an object", param=param_prefix.rstrip(".") or None)
+    method = d.get("method", SearchConfig.method)
+    check(isinstance(method, str) and method in METHOD_REGISTRY,
+           f"unknown method {method!r}; choose one of {', '.join(METHOD_REGISTRY)}", param_prefix + "method")
+    spec = METHOD_REGISTRY[method]
+    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    kw: dict[str, Any] = {"method": method}
+    for k, v in d.items():
+        if k == "method":
+            continue
+        check(k in fields, f"unknown search option {k!r}; options of {method!r}: "
+               f"{', '.join(spec.options) or 'none'}", param_prefix + k)
+        check(k in spec.options, f"option {k!r} does not apply to method {method!r} (its options: "
+               f"{', '.join(spec.options) or 'none'})", param_prefix + k)
+        want = type(getattr(SearchConfig(), k))
+        ok = (isinstance(v, bool) if want is bool else
+              isinstance(v, int) and not isinstance(v, bool) if want is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) and v == v if want is float else
+              isinstance(v, want))
+        check(ok, f"search option {k!r} must be {'a number' if want is float else want.__name__}, got {v!r}",
+               param_prefix + k)
+        kw[k] = float(v) if want is float else v
+    cfg = SearchConfig(**kw)
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        if exc.param and param_prefix:
+            exc.param = param_prefix + exc.param
+        raise

@@ -29,13 +29,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vgs.config import SamplingConfig, SearchConfig, search_config_from_dict
+from vgs.config import SamplingConfig, SearchConfig
 from vgs.engine import GenRequest
 from vgs.errors import VGSError
 from vgs.records import Compute
 from vgs.runtime import Admission, Busy
 from vgs.search import Engines, SearchEvents, check_engines, search
-from vgs.search.methods import get_method
+from vgs.search.methods import get_method, search_config_from_dict
 from vgs.server.metrics import Metrics
 from vgs.server.schemas import ChatBody, CompletionBody
 

@@ -17,8 +17,8 @@ import pytest
 
 from vgs.engine import GenSample
 from vgs.errors import VGSError
-from value_models.collect import (CollectConfig, RollInPolicy, collect, load_problems, parse_policy,
-                                  switch_point)
+from value_models.collect import CollectConfig, RollInPolicy, collect, parse_policy, switch_point
+from value_models.jobs import load_problems
 
 EOS = 151643
 

@@ -35,8 +35,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from value_models.collect import (DATA_DIR, CollectConfig, EngineFactory, Manifest, Problem, _bar, _close,
-                                  _write_parquet, default_engine_factory, item_seed, plan_chunks)
+from value_models.collect import CollectConfig
+from value_models.jobs import (DATA_DIR, EngineFactory, Manifest, Problem, close_engine, default_engine_factory,
+                               item_seed, plan_chunks, progress_bar, write_parquet)
 from vgs.engine import GenRequest, GenSample
 from vgs.errors import VGSError
 
@@ -150,7 +151,7 @@ def estimate(cfg: VStarConfig, engine_factory: EngineFactory | None = None, scor
         engine, owned = (engine_factory or default_engine_factory(cfg))(cfg.ref_model)
     sampling = cfg.sampling()
     ref_name = os.path.basename(cfg.ref_model.rstrip("/")) or cfg.ref_model
-    bar = _bar(cfg, sum(len(chunks[k]) for k in todo), "apo-vstar")
+    bar = progress_bar(cfg, sum(len(chunks[k]) for k in todo), "apo-vstar")
     try:
         for k in todo:
             t0 = time.time()
@@ -160,7 +161,7 @@ def estimate(cfg: VStarConfig, engine_factory: EngineFactory | None = None, scor
                 r["ref"] = ref_name
             fname = f"{DATA_DIR}/part-{k:05d}.parquet"
             os.makedirs(os.path.join(cfg.out, DATA_DIR), exist_ok=True)
-            _write_parquet(rows, os.path.join(cfg.out, fname), _schema())
+            write_parquet(rows, os.path.join(cfg.out, fname), _schema())
             correct = sum(int(sum(r["rewards"])) for r in rows)
             unfinished = sum(sum(f != "stop" for f in r["finish"]) for r in rows)
             wrong = sum(len(r["rewards"]) for r in rows) - correct - unfinished
@@ -173,7 +174,7 @@ def estimate(cfg: VStarConfig, engine_factory: EngineFactory | None = None, scor
     finally:
         bar.close()
         if engine is not None:
-            _close(engine, owned)
+            close_engine(engine, owned)
         elif owned and hasattr(scorer, "close"):
             scorer.close()
     _report(cfg, manifest, "done" if manifest.data["complete"] else "partial (re-run to continue)")

@@ -21,13 +21,14 @@ renamed, so a re-run skips finished files and redoes a half-written one.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from value_models.command import run_command
+from value_models.data import parquet_files
 from vgs.errors import VGSError
 
 ID_KEYS = ("message_id", "problem_id", "id")
@@ -41,22 +42,6 @@ def output_schema():
     return pa.schema([("problem_id", pa.string()), ("round", pa.int32()), ("roll_in_index", pa.int32()),
                       ("roll_out_index", pa.int32()), ("roll_in_ids", ids), ("roll_out_ids", ids),
                       ("label", pa.int8()), ("answer", pa.string())])
-
-
-def source_files(src: str | Sequence[str]) -> list[str]:
-    if isinstance(src, str):
-        src = [src]
-    files: list[str] = []
-    for s in src:
-        if os.path.isdir(s):
-            files += sorted(glob.glob(os.path.join(s, "**", "*.parquet"), recursive=True))
-        elif os.path.isfile(s):
-            files.append(s)
-        else:
-            files += sorted(glob.glob(s))
-    if not files:
-        raise VGSError(f"no Parquet files in {', '.join(src)}")
-    return files
 
 
 def _flatten_batch(batch, label_key: str, id_key: str, source: str):
@@ -129,7 +114,7 @@ def convert(src: str | Sequence[str], out: str, batch_problems: int = 16, label_
 
     if batch_problems < 1:
         raise VGSError(f"--batch-problems must be >= 1, got {batch_problems}")
-    files = source_files(src)
+    files = parquet_files(src, what="OpenR1-VM source")
     os.makedirs(out, exist_ok=True)
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     bar = tqdm(total=total, desc="convert", unit="problem", disable=not progress, dynamic_ncols=True)
@@ -165,13 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-key", default="labels", help="per-response label list column (0/1/2 classes)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    try:
+
+    def work() -> str:
         r = convert(args.src, args.out, args.batch_problems, args.label_key, args.progress)
-    except VGSError as exc:
-        print(f"value_models.convert: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"[convert] {args.out}: {r['rows']} rows from {r['problems']} problems in {r['files']} file(s)", flush=True)
-    return 0
+        return f"[convert] {args.out}: {r['rows']} rows from {r['problems']} problems in {r['files']} file(s)"
+
+    return run_command("value_models.convert", work)
 
 
 if __name__ == "__main__":

@@ -106,8 +106,9 @@ def recorded_drop(paths: str | Sequence[str]) -> str | None:
     return next(iter(found.values()), None)
 
 
-def parquet_files(paths: str | Sequence[str]) -> list[str]:
-    """Expand files, directories (every *.parquet below, sorted) and globs into a file list."""
+def parquet_files(paths: str | Sequence[str], what: str = "training data") -> list[str]:
+    """Expand files, directories (every *.parquet below, sorted) and globs into a file list.
+    `what` names the input in errors (the trainer's data, convert's OpenR1-VM sources)."""
     if isinstance(paths, str):
         paths = [paths]
     files: list[str] = []
@@ -118,14 +119,14 @@ def parquet_files(paths: str | Sequence[str]) -> list[str]:
             found = [f for f in found if not any(part.startswith((".", "_")) or part.endswith(".tmp")
                                                  for part in os.path.relpath(f, p).split(os.sep))]
             if not found:
-                raise VGSError(f"no .parquet files under {p!r}")
+                raise VGSError(f"no .parquet files under {what} {p!r}")
             files.extend(found)
         elif os.path.isfile(p):
             files.append(p)
         else:
             matched = sorted(glob.glob(p))
             if not matched:
-                raise VGSError(f"training data {p!r} does not exist")
+                raise VGSError(f"{what} {p!r} does not exist")
             files.extend(matched)
     return files
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 
+from value_models.command import run_command
 from vgs.errors import VGSError
 
 WEIGHTS = "model.safetensors"
@@ -73,13 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N)")
     p.add_argument("--out", default=None, help="write the model here instead of into the checkpoint")
     args = p.parse_args(argv)
-    try:
-        dest = export_checkpoint(args.checkpoint, args.out)
-    except VGSError as exc:
-        print(f"value_models.export: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"[export] {dest}", flush=True)
-    return 0
+    return run_command("value_models.export", lambda: f"[export] {export_checkpoint(args.checkpoint, args.out)}")
 
 
 if __name__ == "__main__":

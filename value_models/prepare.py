@@ -29,6 +29,7 @@ import os
 import sys
 from typing import Sequence
 
+from value_models.command import run_command
 from vgs.errors import VGSError
 from value_models.data import (PREPARED_FILE, PREPARED_FORMAT, check_columns, columns_schema, is_prepared,
                                parquet_files, recorded_drop, REQUIRED_COLUMNS)
@@ -142,15 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> str:
         meta = prepare(args.data, args.out, args.batch_rows, args.progress)
-    except VGSError as exc:
-        print(f"value_models.prepare: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"[prepare] {args.out}: {meta['rows']} rows, {meta['tokens']} tokens, labels wrong/correct/unfinished "
-          f"{'/'.join(map(str, meta['labels']))} from {len(meta['sources'])} file(s); drop filter recorded: "
-          f"{meta['drop'] or 'none'}", flush=True)
-    return 0
+        return (f"[prepare] {args.out}: {meta['rows']} rows, {meta['tokens']} tokens, labels wrong/correct/unfinished "
+                f"{'/'.join(map(str, meta['labels']))} from {len(meta['sources'])} file(s); drop filter recorded: "
+                f"{meta['drop'] or 'none'}")
+
+    return run_command("value_models.prepare", work)
 
 
 if __name__ == "__main__":

@@ -397,9 +397,13 @@ def run_eval(cfg: EvalConfig) -> "Any":
         engines = build_engines(cfg)
         from vgs.aio import run_sync
         from vgs.grading import Grader
+        from vgs.runtime import close_engines
 
-        with Grader() as grader, tqdm(total=total, initial=total - len(todo), desc="problems", unit="prob") as bar:
-            run_sync(_run_items(cfg, todo, engines, grader, results_file, bar, failed))
+        try:
+            with Grader() as grader, tqdm(total=total, initial=total - len(todo), desc="problems", unit="prob") as bar:
+                run_sync(_run_items(cfg, todo, engines, grader, results_file, bar, failed))
+        finally:  # engines shut down here, not in interpreter teardown (EngineDeadError noise, leaks)
+            close_engines(engines)
     else:
         print(f"[vgs eval] all {total} items already in {results_file.path}; nothing to generate", file=sys.stderr)
 

@@ -99,11 +99,9 @@ def test_cycle_finder_finds_one():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-# optional imports a module guards itself (clear error when missing), declared as extras
-OPTIONAL = {"wandb"}
-
-
 def _declared() -> dict[str, set[str]]:
+    """Distribution names pyproject declares: for the package (base, the engine extras and the
+    optional `track` extra its guarded imports need) and for tests/benchmarks (plus `dev`)."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     name = lambda req: re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
@@ -132,7 +130,7 @@ def test_every_third_party_import_is_declared(tops, kind):
     for top in tops:
         for mod in sorted(_third_party(top)):
             names = {d.lower().replace("_", "-") for d in dists.get(mod, [mod])}
-            if not names & declared and mod not in OPTIONAL:
+            if not names & declared:
                 missing.append(f"{top}: import {mod} (distribution {', '.join(sorted(names))})")
     assert not missing, f"not declared in pyproject.toml ({kind}):\n" + "\n".join(missing)
 

@@ -287,6 +287,12 @@ def build_engines(cfg: EvalConfig):
                  value_backend=cfg.value_backend, value_engine=cfg.value_engine)
 
 
+# `run_eval` gets its engines from the module's `build_engines`. Engines the real builder started
+# are run_eval's to close; a substituted builder (tests lend the session's running engines)
+# keeps them open for their owner.
+_OWN_BUILDER = build_engines
+
+
 def grade_row(item: WorkItem, res, tokenizer, grader, method: str, save_text: bool) -> dict:
     """Finalize (label-free: decode, extract, vote, choose) and grade against the gold answer;
     one JSON row for the work item."""
@@ -394,6 +400,7 @@ def run_eval(cfg: EvalConfig) -> "Any":
     if todo:
         print(f"[vgs eval] {len(todo)} of {total} problem×repetition items to run "
               f"({total - len(todo)} already in {results_file.path})", file=sys.stderr)
+        owned = build_engines is _OWN_BUILDER
         engines = build_engines(cfg)
         from vgs.aio import run_sync
         from vgs.grading import Grader
@@ -402,8 +409,9 @@ def run_eval(cfg: EvalConfig) -> "Any":
         try:
             with Grader() as grader, tqdm(total=total, initial=total - len(todo), desc="problems", unit="prob") as bar:
                 run_sync(_run_items(cfg, todo, engines, grader, results_file, bar, failed))
-        finally:  # engines shut down here, not in interpreter teardown (EngineDeadError noise, leaks)
-            close_engines(engines)
+        finally:  # shut down here, not in interpreter teardown (EngineDeadError noise, leaked memory)
+            if owned:
+                close_engines(engines)
     else:
         print(f"[vgs eval] all {total} items already in {results_file.path}; nothing to generate", file=sys.stderr)
 

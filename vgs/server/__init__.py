@@ -186,8 +186,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if handle is not None:
             handle.stop()
         state.grader.close()
-        if state.dead is None:
-            close_engines(engines)
+        close_engines(engines)
     if state.dead is not None:  # as vLLM's server: exit non-zero so a supervisor restarts the server
         print(f"[vgs serve] the {state.dead} engine process died; exiting", file=sys.stderr, flush=True)
         return 1

@@ -287,7 +287,8 @@ def _message(job: Job, text: str) -> dict[str, Any]:
     msg: dict[str, Any] = {"role": "assistant", "content": text}
     if job.reasoning:  # both names: `reasoning_content` (DeepSeek, older vLLM) and `reasoning` (vLLM now)
         reasoning, msg["content"] = split(text)
-        msg["reasoning_content"] = msg["reasoning"] = reasoning
+        if job.include_reasoning:
+            msg["reasoning_content"] = msg["reasoning"] = reasoning
     return msg
 
 
@@ -459,7 +460,7 @@ class Runner:
             return [self._chunk(index, text)] if text else []
         reasoning, content = rs.feed(text, finished)
         out = []
-        if reasoning:
+        if reasoning and self.job.include_reasoning:
             out.append(self._chunk(index, None, reasoning=reasoning))
         if content:
             out.append(self._chunk(index, content))

@@ -48,6 +48,7 @@ class Job:
     echo_only: bool = False  # echo with max_tokens 0: the prompt (and its logprobs) only
     logprobs: int | None = None  # top-k per token (completions `logprobs`, chat `top_logprobs`)
     reasoning: bool = False  # split chat answers into reasoning_content / content
+    include_reasoning: bool = True  # false: the split still happens, the reasoning is dropped (vLLM)
 
     @property
     def n(self) -> int:
@@ -190,4 +191,5 @@ def make_job(state: Any, endpoint: str, body: CompletionBody | ChatBody) -> Job:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Job(endpoint, prompts, cfg, sampling, plain, body.stream, include_usage,
                skip_special_tokens=body.skip_special_tokens, echo=echo, echo_texts=texts, echo_only=echo_only,
-               logprobs=logprobs, reasoning=chat and state.reasoning and body.include_reasoning)
+               logprobs=logprobs, reasoning=chat and state.reasoning,
+               include_reasoning=not chat or body.include_reasoning)

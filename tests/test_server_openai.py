@@ -146,9 +146,10 @@ def test_no_special_tokens_in_any_text(server, tok, problems, method):
 
 
 def _thinking_tiny(tokenizer_dir: str, out: str) -> str:
-    """A tiny model on the shipped DeepSeek-R1 tokenizer (`vgs.tiny.make_tiny`) whose output
-    mixes `</think>` and one plain word: the final norm keeps one hidden unit, and only those
-    two tokens read it (with opposite signs), so a sample is e.g. `a a</think> a</think>`."""
+    """A tiny model on the shipped DeepSeek-R1 tokenizer (`vgs.tiny.make_tiny`) that answers
+    ` a</think> a</think> a...`: hidden unit 0 carries the last token's sign (its embedding is
+    +-40 there, so it dominates the norm), the final norm keeps only that unit, and only `</think>`
+    and ` a` read it: after ` a` (and the prompt's last token) comes `</think>`, after it ` a`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,14 +158,22 @@ def _thinking_tiny(tokenizer_dir: str, out: str) -> str:
     make_tiny("policy", tokenizer_dir, out, layers=2, hidden=128, seed=0, max_positions=4096)
     tok = AutoTokenizer.from_pretrained(out)
     think, word = tok.convert_tokens_to_ids("</think>"), tok(" a", add_special_tokens=False)["input_ids"][0]
+    last = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"][-1]
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
+        head = model.get_output_embeddings().weight.detach().clone()
+        embed = model.get_input_embeddings().weight.detach().clone()
         model.model.norm.weight.zero_()
         model.model.norm.weight[0] = 1.0
-        head = model.get_output_embeddings().weight
         head[:, 0] = 0.0
         head[think, 0], head[word, 0] = 40.0, -40.0
+        embed[:, 0] = 0.0
+        embed[word, 0], embed[think, 0], embed[last, 0] = 40.0, -40.0, -40.0
     model.config.tie_word_embeddings = False
+    model.set_input_embeddings(torch.nn.Embedding.from_pretrained(embed, freeze=False))
+    model.set_output_embeddings(torch.nn.Linear(embed.shape[1], head.shape[0], bias=False))
+    model.get_output_embeddings().weight.data.copy_(head)
     model.save_pretrained(out)
     return out
 

@@ -107,7 +107,7 @@ def _completion_prompts(tok: Any, body: CompletionBody) -> tuple[list[list[int]]
                 raise APIError(400, f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
                                param="prompt")
             ids = p
-            text = tok.decode(p, skip_special_tokens=body.skip_special_tokens)
+            text = tok.decode(p)  # echoed as given: a prompt's special tokens are the client's input
         if not ids:
             raise APIError(400, f"{where} is empty", param="prompt")
         ids_list.append(ids)

@@ -223,6 +223,20 @@ def test_reasoning_split_on_an_r1_template(tokenizer_dir, tmp_path):
         engine.close()
 
 
+def test_stop_string_ends_the_text(server, tok, problems):
+    """Every demo answer writes `=` on its first line, so a stop at `=` always fires: the text
+    is the unstopped text cut before it, finish_reason "stop", streamed or not."""
+    url, _ = server
+    for i, p in enumerate(problems):
+        body = {"prompt": _prompt(tok, p), "max_tokens": MAX_TOKENS, "seed": i, "temperature": 1.0}
+        base = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert "=" in base, base
+        stopped = httpx.post(url + "/v1/completions", json={**body, "stop": ["="]}, timeout=60).json()["choices"][0]
+        assert stopped["text"] == base[:base.index("=")] and stopped["finish_reason"] == "stop"
+        events = _sse(url + "/v1/completions", {**body, "stop": ["="], "stream": True})
+        assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == stopped["text"]
+
+
 # ---------------------------------------------------------------------------- batch
 
 def test_batch_completions_strings_ids_n_and_search(server, client, tok, problems):

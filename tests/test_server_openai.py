@@ -6,6 +6,7 @@ engines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -50,19 +51,24 @@ def engines():
         policy.close()
 
 
-def _serve(engines, **kw):
+@contextlib.contextmanager
+def served(engines, **kw):
+    """A server over `engines` for one test: (state, handle); stopped afterwards."""
     from vgs.server import build_state, start_server
 
     state = build_state(engines, "demo", max_budget=16, max_sequences=64, **kw)
-    return state, start_server(state)
+    handle = start_server(state)
+    try:
+        yield state, handle
+    finally:
+        handle.stop()
+        state.grader.close()
 
 
 @pytest.fixture(scope="module")
 def server(engines):
-    state, handle = _serve(engines)
-    yield f"http://127.0.0.1:{handle.port}", state
-    handle.stop()
-    state.grader.close()
+    with served(engines) as (state, handle):
+        yield f"http://127.0.0.1:{handle.port}", state
 
 
 @pytest.fixture(scope="module")
@@ -461,27 +467,25 @@ def test_nan_values_give_valid_json(engines, tmp_path):
         weights[k] = torch.full_like(weights[k], float("nan"))
     save_file(weights, nan_dir / "model.safetensors", metadata={"format": "pt"})
     scorer = HFValueScorer(str(nan_dir), device="cpu", max_model_len=256)
-    state, handle = _serve(Engines(engines.policy, scorer))
-    url = f"http://127.0.0.1:{handle.port}/v1/completions"
     try:
-        for method in ("best_of_n", "weighted_majority", "vgs"):
-            search = METHODS[method]
-            r = httpx.post(url, json={"prompt": "1 +2", "max_tokens": 24, "seed": 0, "search": search}, timeout=120)
-            assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
-            events = _sse(url, {"prompt": "1 +2", "max_tokens": 24, "seed": 0, "search": search, "stream": True})
-            assert events[-1]["error"]["type"] == "internal_error"
-            progress = [e["vgs"]["progress"] for e in events if "progress" in e.get("vgs", {})]
-            assert all(p["best_value"] is None for p in progress) and (progress or method != "vgs")
+        with served(Engines(engines.policy, scorer)) as (state, handle):
+            url = f"http://127.0.0.1:{handle.port}/v1/completions"
+            for method in ("best_of_n", "weighted_majority", "vgs"):
+                search = METHODS[method]
+                body = {"prompt": "1 +2", "max_tokens": 24, "seed": 0, "search": search}
+                r = httpx.post(url, json=body, timeout=120)
+                assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
+                events = _sse(url, {**body, "stream": True})
+                assert events[-1]["error"]["type"] == "internal_error"
+                progress = [e["vgs"]["progress"] for e in events if "progress" in e.get("vgs", {})]
+                assert all(p["best_value"] is None for p in progress) and (progress or method != "vgs")
     finally:
-        handle.stop()
-        state.grader.close()
         scorer.close()
 
 
 def test_body_limits(engines):
-    state, handle = _serve(engines, max_body_bytes=4096)
-    url = f"http://127.0.0.1:{handle.port}/v1/completions"
-    try:
+    with served(engines, max_body_bytes=4096) as (state, handle):
+        url = f"http://127.0.0.1:{handle.port}/v1/completions"
         r = httpx.post(url, json={"prompt": "x" * 5000})
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
@@ -497,9 +501,6 @@ def test_body_limits(engines):
             r = httpx.post(url, content=body)
             assert r.status_code == 400 and "nested" in r.json()["error"]["message"], r.text
         assert httpx.post(url, json={"prompt": "1 +2", "max_tokens": 2}).status_code == 200
-    finally:
-        handle.stop()
-        state.grader.close()
 
 
 class _FailingScorer:
@@ -518,9 +519,8 @@ def test_server_faults_are_5xx(engines):
     from vgs.search import Engines
 
     for exc in (RuntimeError("boom"), VGSError("the value engine is closed")):
-        state, handle = _serve(Engines(engines.policy, _FailingScorer(engines.value, exc)))
-        url = f"http://127.0.0.1:{handle.port}/v1/completions"
-        try:
+        with served(Engines(engines.policy, _FailingScorer(engines.value, exc))) as (state, handle):
+            url = f"http://127.0.0.1:{handle.port}/v1/completions"
             r = httpx.post(url, json={"prompt": "1 +2", "max_tokens": 8, "search": {"method": "best_of_n", "n": 2}},
                            timeout=60)
             assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
@@ -529,29 +529,24 @@ def test_server_faults_are_5xx(engines):
             assert events[-1]["error"]["type"] == "internal_error"
             text = httpx.get(f"http://127.0.0.1:{handle.port}/metrics").text
             assert 'method="best_of_n",status="500"' in text  # the stream counted as what it was
-        finally:
-            handle.stop()
-            state.grader.close()
 
 
 def test_disconnect_while_queued_frees_its_place(engines):
     from vgs.aio import run_sync
 
-    state, handle = _serve(engines)
-    url = f"http://127.0.0.1:{handle.port}/v1/completions"
-    held = run_sync(state.admission.acquire(state.admission.capacity))  # the server is full
-    try:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json={"prompt": "1 +2", "max_tokens": 8, "n": 2}, timeout=1.0)
-        deadline = time.time() + 5
-        while state.admission.queued and time.time() < deadline:
-            time.sleep(0.05)
-        assert state.admission.queued == 0  # it left the queue although nothing was released
-        assert 'status="499"' in httpx.get(f"http://127.0.0.1:{handle.port}/metrics").text
-    finally:
-        state.admission.release(held)
-        handle.stop()
-        state.grader.close()
+    with served(engines) as (state, handle):
+        url = f"http://127.0.0.1:{handle.port}/v1/completions"
+        held = run_sync(state.admission.acquire(state.admission.capacity))  # the server is full
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json={"prompt": "1 +2", "max_tokens": 8, "n": 2}, timeout=1.0)
+            deadline = time.time() + 5
+            while state.admission.queued and time.time() < deadline:
+                time.sleep(0.05)
+            assert state.admission.queued == 0  # it left the queue although nothing was released
+            assert 'status="499"' in httpx.get(f"http://127.0.0.1:{handle.port}/metrics").text
+        finally:
+            state.admission.release(held)
 
 
 def test_timeout_covers_finalization(engines):
@@ -562,17 +557,13 @@ def test_timeout_covers_finalization(engines):
             time.sleep(3)
             return super().classes(answers)
 
-    state, handle = _serve(engines, grader=SlowGrader())
-    state.request_timeout = 1.0
-    url = f"http://127.0.0.1:{handle.port}/v1/completions"
-    try:
+    with served(engines, grader=SlowGrader()) as (state, handle):
+        state.request_timeout = 1.0
+        url = f"http://127.0.0.1:{handle.port}/v1/completions"
         t0 = time.monotonic()
         r = httpx.post(url, json={"prompt": "1 +2", "max_tokens": 8, "search": {"method": "majority", "n": 2}},
                        timeout=60)
         assert r.status_code == 504 and time.monotonic() - t0 < 2.9, r.text
-    finally:
-        handle.stop()
-        state.grader.close()
 
 
 def test_plain_cancel_never_leaves_a_request_running(engines):
@@ -640,19 +631,15 @@ def test_parsing_runs_off_the_engine_loop(engines, tok):
             seen.append(threading.get_ident())
             return self.real.apply_chat_template(*a, **k)
 
-    state, handle = _serve(engines)
-    state.tokenizer = Recording(tok)
-    url = f"http://127.0.0.1:{handle.port}/v1"
-    loop_thread = []
-    engine_loop().call_soon_threadsafe(lambda: loop_thread.append(threading.get_ident()))
-    try:
+    with served(engines) as (state, handle):
+        state.tokenizer = Recording(tok)
+        url = f"http://127.0.0.1:{handle.port}/v1"
+        loop_thread = []
+        engine_loop().call_soon_threadsafe(lambda: loop_thread.append(threading.get_ident()))
         assert httpx.post(url + "/completions", json={"prompt": "1 +2", "max_tokens": 2}).status_code == 200
         assert httpx.post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "1 +2"}],
                                                            "max_tokens": 2}).status_code == 200
         assert len(seen) >= 2 and loop_thread and loop_thread[0] not in seen
-    finally:
-        handle.stop()
-        state.grader.close()
 
 
 def test_health_checks_every_engine(engines):
@@ -664,8 +651,7 @@ def test_health_checks_every_engine(engines):
     assert dead_engine(engines) is None
     dead = SimpleNamespace(llm=SimpleNamespace(errored=True), max_model_len=256)
     assert dead_engine(Engines(engines.policy, dead)) == "value"
-    state, handle = _serve(engines)
-    try:
+    with served(engines) as (state, handle):
         state.engines = Engines(engines.policy, dead)  # the value engine died
         r = httpx.get(f"http://127.0.0.1:{handle.port}/health")
         assert r.status_code == 503 and "value" in r.json()["error"]["message"]
@@ -673,16 +659,12 @@ def test_health_checks_every_engine(engines):
         while not handle.server.should_exit and time.time() < deadline:
             time.sleep(0.05)
         assert handle.server.should_exit and state.dead == "value"
-    finally:
-        handle.stop()
-        state.grader.close()
 
 
 def test_streams_metrics_keepalive_and_block_floor(engines):
-    state, handle = _serve(engines)
-    base = f"http://127.0.0.1:{handle.port}"
-    state.keepalive_s = 0.01
-    try:
+    with served(engines) as (state, handle):
+        base = f"http://127.0.0.1:{handle.port}"
+        state.keepalive_s = 0.01
         lines = []
         body = {"prompt": "1 +2", "max_tokens": 48, "seed": 0, "stream": True,
                 "search": {"method": "vgs", "budget": 4, "beam_width": 2, "block_size": 8}}
@@ -699,6 +681,3 @@ def test_streams_metrics_keepalive_and_block_floor(engines):
         r = httpx.post(base + "/v1/completions", json={"prompt": "x", "search": {"method": "vgs", "block_size": 1,
                                                                                  "budget": 2, "beam_width": 1}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "search.block_size"
-    finally:
-        handle.stop()
-        state.grader.close()

@@ -1,8 +1,8 @@
 """Token ids to streamed text deltas, for plain sampling with `stream: true`.
 
 Why not vLLM's own detokenizer output: the non-streamed answer is `vgs.prompts.decode` of
-all the ids (special tokens skipped unless the request keeps them) cut at the first stop string, and the streamed deltas must
-concatenate to exactly that text. So each sample's ids are decoded whole and only the part
+all the ids (special tokens skipped unless the request keeps them) cut at the first stop
+string, and the streamed deltas must concatenate to exactly that text. So each sample's ids are decoded whole and only the part
 that can no longer change is sent: an incomplete UTF-8 character at the end (decoded as
 U+FFFD) and the last `longest stop - 1` characters (a stop string may still be forming there)
 are held back until more tokens arrive or the sample ends.

@@ -14,6 +14,7 @@ prefilled (`GenSample.prefill_tokens`, from vLLM's `num_cached_tokens`) for FLOP
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ class GenRequest:
     seed: int | None = None
     extra_args: dict[str, Any] | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top-k logprobs of every prompt token (the server's echo)
 
 
 @dataclass
@@ -51,6 +53,8 @@ class GenSample:
     # prompt tokens the request actually prefilled (prompt minus prefix-cache hits); set on the
     # request's first sample only, so summing over samples counts each request once
     prefill_tokens: int = 0
+    # per prompt position {id: logprob} (None at position 0), when the request asked for them
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -264,6 +268,7 @@ class PolicyEngine:
             detokenize=bool(sampling.stop),  # stop strings need text; ids stay the currency
             skip_special_tokens=False,
             logprobs=req.logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             extra_args=req.extra_args,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
@@ -284,11 +289,14 @@ class PolicyEngine:
             raise VGSError("the policy engine is closed")
         self.check_length(len(request.prompt_ids), request.max_tokens)
         final = None
+        rid = uuid.uuid4().hex
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
-                                               self.sampling_params(request, sampling),
-                                               request_id=uuid.uuid4().hex):
+                                               self.sampling_params(request, sampling), request_id=rid):
                 final = out
+        except (asyncio.CancelledError, GeneratorExit):
+            await self._abort(rid)
+            raise
         except VLLMValidationError as exc:  # e.g. bad guidance extra_args rejected at admission
             raise VGSError(f"request rejected by the engine: {exc}") from exc
         except ValueError as exc:  # vLLM's input checks (context length, token ids)
@@ -309,10 +317,11 @@ class PolicyEngine:
         self.check_length(len(request.prompt_ids), request.max_tokens)
         prompt_len = len(request.prompt_ids)
         counted = False
+        rid = uuid.uuid4().hex
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
                                                self.sampling_params(request, sampling, delta=True),
-                                               request_id=uuid.uuid4().hex):
+                                               request_id=rid):
                 cached = getattr(out, "num_cached_tokens", None)
                 for o in out.outputs:
                     prefill = 0
@@ -320,10 +329,25 @@ class PolicyEngine:
                         prefill, counted = max(0, prompt_len - int(cached)), True
                     fr = str(o.finish_reason) if o.finish_reason is not None else None
                     yield GenDelta(int(o.index), list(o.token_ids), fr, prefill)
+        except (asyncio.CancelledError, GeneratorExit):
+            await self._abort(rid)
+            raise
         except VLLMValidationError as exc:
             raise VGSError(f"request rejected by the engine: {exc}") from exc
         except ValueError as exc:
             raise VGSError(f"request rejected by the engine: {exc}") from exc
+
+    async def _abort(self, request_id: str) -> None:
+        """Abort by our own request id. `AsyncLLM.generate` aborts on cancellation only once
+        `add_request` has returned; a cancel that lands while vLLM is still adding the request
+        would leave it running to max_tokens. Aborting an id vLLM no longer knows is a no-op."""
+        llm = self.llm
+        if llm is None or getattr(llm, "errored", False):
+            return
+        try:
+            await asyncio.shield(llm.abort(request_id))
+        except Exception as exc:  # noqa: BLE001 - best effort; vLLM's own abort already ran
+            log.debug("abort %s: %s", request_id, exc)
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[GenSample]]:
@@ -359,6 +383,11 @@ def _samples(out: Any, prompt_len: int) -> list[GenSample]:
         if isinstance(o.stop_reason, str):
             info["stop_string"] = o.stop_reason
         samples.append(GenSample(list(o.token_ids), str(o.finish_reason), o.cumulative_logprob, lps, info))
+    plps = getattr(out, "prompt_logprobs", None)
+    if plps is not None:
+        prompt = [None if pos is None else {int(t): float(lp.logprob) for t, lp in pos.items()} for pos in plps]
+        for s in samples:
+            s.prompt_logprobs = prompt
     if samples:
         samples[0].prefill_tokens = max(0, prompt_len - cached)
     return samples

@@ -55,6 +55,8 @@ def eos_token_ids(tokenizer: Any) -> list[int]:
     return list(ids) if isinstance(ids, (list, tuple)) else [int(ids)]
 
 
-def decode(tokenizer: Any, ids: list[int]) -> str:
-    """Generated ids to text, keeping special tokens (the answer extractor needs `</think>`)."""
-    return tokenizer.decode(ids, skip_special_tokens=False)
+def decode(tokenizer: Any, ids: list[int], skip_special_tokens: bool = False) -> str:
+    """Generated ids to text. Special tokens are kept by default (the answer extractor needs
+    `</think>`, which some tokenizers mark special); the server returns text as vLLM's server
+    does, with `skip_special_tokens=True` (no `<|end|>` / EOS in the answer)."""
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

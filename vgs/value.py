@@ -39,6 +39,7 @@ from vgs.errors import VGSError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "hf")
+OFF_LOOP_TOKENS = 16384  # inputs larger than this are validated in a worker thread, not on the engine loop
 
 
 class ValueScorer(Protocol):
@@ -244,7 +245,10 @@ class VllmValueScorer:
         Cancelling the caller aborts every request of this call still in the engine."""
         if self.llm is None:
             raise VGSError("the value engine is closed")
-        seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
+        if sum(len(q) for q in sequences) > OFF_LOOP_TOKENS:  # big inputs: checked off the engine loop
+            seqs = await asyncio.to_thread(check_sequences, sequences, self.max_model_len, self.vocab_size)
+        else:
+            seqs = check_sequences(sequences, self.max_model_len, self.vocab_size)
         values, todo = self._memo.lookup(seqs)
         per_seq = [0] * len(seqs)
         if todo:

@@ -11,6 +11,7 @@ value-model tokens (see `vgs.guidance.report`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 
@@ -73,12 +74,15 @@ async def guided_sample(prompt: list[int], seed: int, engines, search: SearchCon
         for key in keys:  # a cancelled or failed search leaves no report file behind
             drop_report(key)
         raise
-    comp = Compute(policy_params=policy.num_params, value_params=_value_params(engines.value_model))
+    # off the engine loop: the first call builds the value model on the meta device, and report
+    # files are parsed per sample (a long sample's report is one line per token)
+    comp = Compute(policy_params=policy.num_params,
+                   value_params=await asyncio.to_thread(_value_params, engines.value_model))
     cands = []
     error = None
     for j, (key, samples) in enumerate(zip(keys, outs)):
         sample = samples[0]
-        rep = read_report(key, len(sample.token_ids))
+        rep = await asyncio.to_thread(read_report, key, len(sample.token_ids))
         if rep is None and sample.token_ids:
             raise VGSError("the policy engine did not apply guidance (no report from the worker); build it "
                            "with the guidance logits processor (PolicyEngine's default)")

@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "at full length); as much again may queue, beyond that requests get 429")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a search is cancelled (504)")
     p.add_argument("--data-parallel-size", type=int, default=1, help="vLLM data parallelism (policy engine)")
+    p.add_argument("--reasoning-parser", default="auto", choices=("auto", "deepseek_r1", "none"),
+                   help="split chat answers into reasoning_content / content at </think> (vLLM's deepseek_r1); "
+                        "auto: on when the chat template opens <think>")
+    p.add_argument("--min-block-size", type=int, default=8,
+                   help="smallest search.block_size a VGS request may ask for (each round rescores every beam)")
+    p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="largest request body (413 beyond)")
     from vgs.eval.runner import add_engine_args
 
     add_engine_args(p)
@@ -55,6 +61,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise VGSError(f"--max-sequences must be >= 1, got {args.max_sequences}")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise VGSError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.min_block_size < 1:
+        raise VGSError(f"--min-block-size must be >= 1, got {args.min_block_size}")
+    if args.max_body_bytes < 1024:
+        raise VGSError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
     if args.data_parallel_size < 1:
         raise VGSError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     if args.value_backend not in ("vllm", "hf"):
@@ -68,26 +78,34 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def build_state(engines: Any, model_name: str, *, api_key: str | None = None, max_budget: int = 256,
                 max_sequences: int | None = None, request_timeout: float | None = None, grader: Any = None,
-                max_tokens_hint: int = 4096) -> Any:
+                max_tokens_hint: int = 4096, reasoning_parser: str = "auto", min_block_size: int = 8,
+                max_body_bytes: int = 16 << 20) -> Any:
     """A ServerState over running engines (the CLI's, or a test session's)."""
     from vgs.grading import Grader
     from vgs.runtime import Admission, default_max_sequences
+    from vgs.server import reasoning
     from vgs.server.app import ServerState
+    from vgs.server.jobs import Defaults
 
     cap = max_sequences or max(max_budget, default_max_sequences(engines.policy, max_tokens_hint))
-    return ServerState(engines=engines, tokenizer=engines.policy.tokenizer, model_name=model_name,
+    tok = engines.policy.tokenizer
+    return ServerState(engines=engines, tokenizer=tok, model_name=model_name,
                        grader=grader or Grader(), admission=Admission(cap, max_queued=cap), api_key=api_key,
-                       max_budget=max_budget, request_timeout=request_timeout)
+                       max_budget=max_budget, request_timeout=request_timeout, defaults=Defaults.of(engines.policy),
+                       reasoning=reasoning.resolve(reasoning_parser, tok), min_block_size=min_block_size,
+                       max_body_bytes=max_body_bytes)
 
 
 class ServerHandle:
     """A uvicorn server running on the engine loop (started by `start_server`)."""
 
-    def __init__(self, server: Any, task: Any, port: int):
-        self.server, self.task, self.port = server, task, port
+    def __init__(self, server: Any, task: Any, port: int, watchdog: Any = None):
+        self.server, self.task, self.port, self.watchdog = server, task, port, watchdog
 
     def stop(self, timeout: float = 30) -> None:
         self.server.should_exit = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         try:
             self.task.result(timeout)
         except BaseException:  # noqa: BLE001 - stopping anyway
@@ -102,7 +120,7 @@ def start_server(state: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
     import uvicorn
 
     from vgs.aio import engine_loop, run_sync
-    from vgs.server.app import create_app
+    from vgs.server.app import create_app, watch_engines
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -124,7 +142,12 @@ def start_server(state: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
             await asyncio.sleep(0.02)
 
     run_sync(wait_started(), timeout=60)
-    return ServerHandle(server, task, sock.getsockname()[1])
+
+    def on_dead() -> None:  # a dead engine stops the server; `vgs serve` then exits non-zero
+        server.should_exit = True
+
+    watchdog = asyncio.run_coroutine_threadsafe(watch_engines(state, on_dead), engine_loop())
+    return ServerHandle(server, task, sock.getsockname()[1], watchdog)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -147,14 +170,16 @@ def run_cli(args: argparse.Namespace) -> int:
                             value_engine=engine_kwargs(args, value=True))
     name = args.served_model_name or args.policy
     state = build_state(engines, name, api_key=args.api_key, max_budget=args.max_budget,
-                        max_sequences=args.max_sequences, request_timeout=args.request_timeout)
+                        max_sequences=args.max_sequences, request_timeout=args.request_timeout,
+                        reasoning_parser=args.reasoning_parser, min_block_size=args.min_block_size,
+                        max_body_bytes=args.max_body_bytes)
     handle = None
     try:
         handle = start_server(state, args.host, args.port, log_level="info")
         print(f"[vgs serve] {name!r} on http://{args.host}:{handle.port}/v1 "
-              f"(value model: {args.value_model or 'none'}; max {state.admission.capacity} live sequences)",
-              file=sys.stderr, flush=True)
-        handle.task.result()  # until Ctrl-C / SIGTERM
+              f"(value model: {args.value_model or 'none'}; max {state.admission.capacity} live sequences; "
+              f"reasoning split: {'on' if state.reasoning else 'off'})", file=sys.stderr, flush=True)
+        handle.task.result()  # until Ctrl-C / SIGTERM, or a dead engine
     except KeyboardInterrupt:
         print("[vgs serve] shutting down", file=sys.stderr)
     finally:
@@ -162,4 +187,7 @@ def run_cli(args: argparse.Namespace) -> int:
             handle.stop()
         state.grader.close()
         close_engines(engines)
+    if state.dead is not None:  # as vLLM's server: exit non-zero so a supervisor restarts the server
+        print(f"[vgs serve] the {state.dead} engine process died; exiting", file=sys.stderr, flush=True)
+        return 1
     return 0

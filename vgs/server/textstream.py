@@ -1,8 +1,8 @@
 """Token ids to streamed text deltas, for plain sampling with `stream: true`.
 
 Why not vLLM's own detokenizer output: the non-streamed answer is `vgs.prompts.decode` of
-all the ids (special tokens kept) cut at the first stop string, and the streamed deltas must
-concatenate to exactly that text. So each sample's ids are decoded whole and only the part
+all the ids (special tokens skipped unless the request keeps them) cut at the first stop
+string, and the streamed deltas must concatenate to exactly that text. So each sample's ids are decoded whole and only the part
 that can no longer change is sent: an incomplete UTF-8 character at the end (decoded as
 U+FFFD) and the last `longest stop - 1` characters (a stop string may still be forming there)
 are held back until more tokens arrive or the sample ends.
@@ -26,8 +26,9 @@ class TextStream:
 
     CONTEXT = 6  # earlier ids decoded with the new ones
 
-    def __init__(self, tokenizer: Any, stops: list[str]):
+    def __init__(self, tokenizer: Any, stops: list[str], skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
@@ -41,10 +42,10 @@ class TextStream:
         """Append the text of ids[read:] unless it ends in an incomplete character (kept
         pending until the next token completes it, or the sample ends)."""
         start = max(0, self.read - self.CONTEXT)
-        prefix = decode(self.tokenizer, self.ids[start:self.read])
-        full = decode(self.tokenizer, self.ids[start:])
+        prefix = decode(self.tokenizer, self.ids[start:self.read], self.skip)
+        full = decode(self.tokenizer, self.ids[start:], self.skip)
         if not full.startswith(prefix):  # the new ids changed earlier text: decode all once
-            self.text, self.read = decode(self.tokenizer, self.ids), len(self.ids)
+            self.text, self.read = decode(self.tokenizer, self.ids, self.skip), len(self.ids)
             self.searched = min(self.searched, self.sent)
             return
         new = full[len(prefix):]

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     vllm_scorer = VllmValueScorer(EngineConfig(
         model=model, tokenizer=args.tokenizer, kv_cache_gib=1.0,
         extra={"profiler_config": ProfilerConfig(profiler="torch", torch_profiler_dir=trace_dir,
-                                                 torch_profiler_with_stack=False, torch_profiler_use_gzip=True)}))
+                                                 torch_profiler_with_stack=False, torch_profiler_use_gzip=True,
+                                                 ignore_frontend=True)}))
     hf = HFValueScorer(model, device="cpu", dtype="float32")
     net = hf.model
 
@@ -155,13 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     s = search(vllm_scorer.score)
     wall = time.perf_counter() - t0
     run_sync(vllm_scorer.llm.stop_profile())
-    vllm_scorer.close()
-    files = sorted(glob.glob(os.path.join(trace_dir, "*profiler_out*.txt")))
-    text = open(files[-1]).read() if files else ""
+    files: list[str] = []
+    for _ in range(120):  # the worker writes its table after stop_profile returns
+        files = sorted(glob.glob(os.path.join(trace_dir, "**", "*profiler_out*.txt"), recursive=True))
+        if files:
+            break
+        time.sleep(0.5)
+    # One table per profiled process: keep the worker's (the one with the most op time).
+    texts = [open(f).read() for f in files]
+    text = max(texts, key=lambda t: sum(sec for _, sec, _ in parse_table(t)), default="")
+    if not text:
+        print(f"(no profiler table from the vLLM worker under {trace_dir})")
     tables["vllm"] = "\n".join(text.splitlines()[: args.top + 4])
     work = reuse_work(s.scored)
     flops = {"attention": work.pairs * shape.per_pair, "gemm": work.tokens * shape.per_token}
     rows.append(summarise("vllm", parse_table(text), s.wall, flops))
+    vllm_scorer.close()
 
     for name, t in tables.items():
         print(f"\n== {name}: top ops by self CPU time ==\n{t}")

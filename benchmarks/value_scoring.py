@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV block size of the vLLM value engine (default: vgs's choice for this CPU)")
     ap.add_argument("--model", default=None, help="an existing value checkpoint (default: build a tiny one)")
     ap.add_argument("--backends", default="hf,vllm",
                     help="reuse backends to time against the re-prefill, comma-separated (hf, vllm); "
@@ -195,17 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     wl = make_workload(vocab - 1000, args.prompt, args.beams, args.rounds, args.width, args.block, args.seed)
     warm = [[1, 2, 3, 4, 5] * 40]
     shape = ModelShape.from_config(_read_config(model))
-    machine = machine_info(**({"vllm_kernels": vllm_cpu_kernels(shape.head_dim)} if "vllm" in backends and
-                              device == "cpu" else {}))
-    print_machine(machine)
 
     scorers = {}
     if "vllm" in backends:
         from vgs.value import VllmValueScorer
 
         # vLLM first: its engine process starts before the in-process model is loaded.
+        extra = {"block_size": args.block_size} if args.block_size else {}
         scorers[VLLM] = VllmValueScorer(EngineConfig(model=model, tokenizer=args.tokenizer,
-                                                     kv_cache_gib=args.kv_cache_gib))
+                                                     kv_cache_gib=args.kv_cache_gib, extra=extra))
+    kernels = {}
+    if VLLM in scorers and device == "cpu":
+        block = int(scorers[VLLM].llm.vllm_config.cache_config.block_size)
+        kernels = {"vllm_kernels": vllm_cpu_kernels(shape.head_dim, block_size=block)}
+    machine = machine_info(**kernels)
+    print_machine(machine)
     hf = HFValueScorer(model, device=device, dtype=dtype)
     if "hf" in backends:
         scorers[HF] = hf

@@ -118,10 +118,12 @@ def main(argv: list[str] | None = None) -> float:
         c0, t0 = engine_cpu_seconds(), time.perf_counter()
         outs = engine.generate(reqs, sampling)
         secs, cpu = time.perf_counter() - t0, engine_cpu_seconds() - c0
-        with open(timing) as f:
-            steps = [float(line.split()[1]) for line in f if line.strip()]
+        with open(timing) as f:  # per guided step: rows, seconds, top-k seconds, value-forward seconds
+            steps = [[float(x) for x in line.split()[1:4]] for line in f if line.strip()]
+        part = lambda j: sum(st[j] for st in steps if len(st) > j)  # noqa: E731
         return {"seconds": secs, "tokens": sum(len(o[0].token_ids) for o in outs), "cpu_seconds": cpu,
-                "guidance_seconds": sum(steps), "guided_steps": len(steps)}
+                "guidance_seconds": part(0), "topk_seconds": part(1), "forward_seconds": part(2),
+                "guided_steps": len(steps)}
 
     run(False, 8, 1.0)  # warm-up: first-call allocations in the worker
     run(True, 8, 1.0)  # warm-up: loads the value model in the worker
@@ -131,9 +133,14 @@ def main(argv: list[str] | None = None) -> float:
     def arm(guided: bool, top_p: float):
         def once(rep: int) -> dict:
             r = run(guided, args.max_tokens, top_p)
+            n = max(1, r["guided_steps"])
             return {**r, "ms_per_token": 1000 * r["seconds"] / max(1, r["tokens"]),
                     "cpu_ms_per_token": 1000 * r["cpu_seconds"] / max(1, r["tokens"]),
-                    "guidance_ms_per_step": 1000 * r["guidance_seconds"] / max(1, r["guided_steps"])}
+                    "guidance_ms_per_step": 1000 * r["guidance_seconds"] / n,
+                    "topk_ms_per_step": 1000 * r["topk_seconds"] / n,
+                    "value_forward_ms_per_step": 1000 * r["forward_seconds"] / n,
+                    "other_guidance_ms_per_step": 1000 * (r["guidance_seconds"] - r["topk_seconds"]
+                                                          - r["forward_seconds"]) / n}
         return once
 
     names = {(top_p, mode): f"{mode} top_p={top_p}" for top_p in args.top_p for mode in ("plain", "qsharp")}
@@ -150,7 +157,8 @@ def main(argv: list[str] | None = None) -> float:
 
     med = pd.DataFrame(runs.records).groupby("arm", sort=False).median(numeric_only=True)
     with pd.option_context("display.float_format", "{:.3f}".format):
-        print(med[["tokens", "seconds", "cpu_ms_per_token", "guidance_ms_per_step"]].to_string())
+        print(med[["tokens", "seconds", "cpu_ms_per_token", "guidance_ms_per_step", "topk_ms_per_step",
+                   "value_forward_ms_per_step", "other_guidance_ms_per_step"]].to_string())
     ratios, spreads = {}, {}
     for top_p in args.top_p:
         q, p = names[(top_p, "qsharp")], names[(top_p, "plain")]

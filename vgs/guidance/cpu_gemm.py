@@ -33,13 +33,16 @@ def _onednn_ops():
     if os.environ.get(ENV, "1") == "0":
         return None
     try:
-        from vllm import _custom_ops as ops
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
             return None
         current_platform.import_kernels()  # no-op in a worker, where they are loaded already
-        return ops if getattr(ops, "_supports_onednn", False) else None
+        from vllm import _custom_ops as ops
+
+        # Asked of the loaded ops, not `ops._supports_onednn`: that flag is fixed when
+        # `_custom_ops` is first imported, which may be before the kernels were.
+        return ops if hasattr(torch.ops._C, "create_onednn_mm_handler") else None
     except Exception:  # noqa: BLE001 - any import problem: plain torch
         return None
 

@@ -273,10 +273,13 @@ class CachedValueModel:
         """Everything a forward needs about its rows, built once on the host and uploaded:
         `n_real[i]` real tokens of row i (padded to `width`) follow its `lens[i]` cached ones."""
         dev = self.device
-        # Keys padded to whole pages (masked past each row's length): the attention shapes then
-        # repeat for a page's worth of steps, so cuDNN's SDPA reuses its execution plan instead of
-        # building one for every new length (~1.5 ms of host time per layer per step on an H200).
-        span = -(-(max(lens) + width) // self.page_size) * self.page_size
+        # On CUDA, keys padded to whole pages (masked past each row's length): the attention shapes
+        # then repeat for a page's worth of steps, so cuDNN's SDPA reuses its execution plan instead
+        # of building one for every new length (~1.5 ms of host time per layer per step on an H200).
+        # A CPU has no plan to reuse, and the padding would be computed and masked for nothing.
+        span = max(lens) + width
+        if dev.type == "cuda":
+            span = -(-span // self.page_size) * self.page_size
         slots = self._slot_table(rows, span)
         lens_t = upload(lens, dev, torch.long)
         write = None

@@ -11,6 +11,7 @@ machine absolute times mean little). `make bench` prints it last.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,15 @@ def load(folder: Path) -> list[dict]:
     return out
 
 
+def goal_met(value: float, goal: str) -> str:
+    """'yes' / 'no' for a goal written `<= X` or `>= X ...`; '?' for anything else."""
+    m = re.match(r"\s*(<=|>=)\s*([0-9.]+)", goal or "")
+    if not m:
+        return "?"
+    ok = value <= float(m.group(2)) if m.group(1) == "<=" else value >= float(m.group(2))
+    return "yes" if ok else "no"
+
+
 def rows(results: list[dict]) -> list[dict]:
     table = []
     for r in results:
@@ -34,7 +44,7 @@ def rows(results: list[dict]) -> list[dict]:
         lo, hi = r.get("ratio_min"), r.get("ratio_max")
         table.append({"script": r["script"], "metric": r["metric"], "median": f"{r['value']:.3f}",
                       "spread": f"{lo:.3f} .. {hi:.3f}" if lo is not None else "-", "alternations": reps,
-                      "goal": r.get("goal", ""), "load_1m": (r.get("machine") or {}).get("load_avg_1m")})
+                      "goal": r.get("goal", ""), "met": goal_met(r["value"], r.get("goal", "")), "load_1m": (r.get("machine") or {}).get("load_avg_1m")})
     return table
 
 

@@ -84,4 +84,5 @@ def test_result_json_feeds_the_summary(tmp_path, capsys):
     assert summary.main([str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "search_overhead" in table and "2.500" in table and "2.000 .. 6.000" in table and "<= 1.15" in table
+    assert table.splitlines()[-1].split()[-2] == "no"  # 2.5 misses <= 1.15
     assert summary.main([str(tmp_path / "missing")]) == 1

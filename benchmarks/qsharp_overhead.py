@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import (Runs, add_bench_args, alternate, check_repeats, machine_info, print_machine,
+from benchmarks.common import (add_bench_args, alternate, check_repeats, machine_info, print_machine,
                                print_spread, tiny_pair, write_result)
 from vgs.assets import DATA_DIR as DEFAULT_DATA, TOKENIZER_DIR as DEFAULT_TOKENIZER, quiet_engines
 
@@ -153,8 +153,6 @@ def main(argv: list[str] | None = None) -> float:
           f"batch {len(prompts)}, prompts {min(prompt_lens)}-{max(prompt_lens)} tokens, {args.max_tokens} new tokens, "
           f"temperature 0.6, top-k {args.top_k}, eta {args.eta}, {args.repeats} alternations")
     print_spread(runs, "ms_per_token", list(names.values()))
-    import pandas as pd
-
     med = pd.DataFrame(runs.records).groupby("arm", sort=False).median(numeric_only=True)
     with pd.option_context("display.float_format", "{:.3f}".format):
         print(med[["tokens", "seconds", "cpu_ms_per_token", "guidance_ms_per_step", "topk_ms_per_step",

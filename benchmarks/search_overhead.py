@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (Runs, add_bench_args, alternate, check_repeats, machine_info, print_machine,
+from benchmarks.common import (add_bench_args, alternate, check_repeats, machine_info, print_machine,
                                engine_masks_text, print_spread, tiny_pair, write_result)
 from vgs.assets import DATA_DIR, TOKENIZER_DIR, quiet_engines
 

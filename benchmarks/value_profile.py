@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     from vgs.aio import run_sync
 
     run_sync(vllm_scorer.llm.start_profile())
-    t0 = time.perf_counter()
     s = search(vllm_scorer.score)
-    wall = time.perf_counter() - t0
     run_sync(vllm_scorer.llm.stop_profile())
     files: list[str] = []
     for _ in range(120):  # the worker writes its table after stop_profile returns

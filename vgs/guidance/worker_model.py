@@ -332,7 +332,7 @@ class CachedValueModel:
         cos, sin = self.backbone.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            mlp = layer.mlp
             qkv_proj, o_proj, gate_up_proj, down_proj = self._proj[i]
             _, _, sizes = self._qkv[i]
             q, k, v = qkv_proj(layer.input_layernorm(x)).split(sizes, dim=-1)

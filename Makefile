@@ -21,10 +21,17 @@ demo-aime: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# the speed goals (issue 24): each script alternates its arms REPEATS times and reports medians;
+# the last table summarises them all (bench-results/*.json)
+REPEATS ?= 3
+BENCH_OUT ?= bench-results
 bench: setup
-	$(PY) -m benchmarks.value_scoring
-	$(PY) -m benchmarks.search_overhead
-	$(PY) -m benchmarks.qsharp_overhead
+	rm -rf $(BENCH_OUT)
+	$(PY) -m benchmarks.value_scoring --repeats $(REPEATS) --out $(BENCH_OUT)
+	$(PY) -m benchmarks.search_overhead --repeats $(REPEATS) --out $(BENCH_OUT)
+	$(PY) -m benchmarks.qsharp_overhead --repeats $(REPEATS) --out $(BENCH_OUT)
+	$(PY) -m benchmarks.server_load --repeats $(REPEATS) --out $(BENCH_OUT)
+	$(PY) -m benchmarks.summary $(BENCH_OUT)
 
 clean:
 	rm -rf .venv .setup-stamp .cache

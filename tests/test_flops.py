@@ -36,3 +36,53 @@ def test_from_config_reads_published_keys():
            "num_hidden_layers": 28, "intermediate_size": 8960, "num_labels": 3}
     s = ModelShape.from_config(cfg)
     assert (s.head_dim, s.kv_heads, s.labels) == (128, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# The shared timing helpers of the speed scripts (benchmarks/common.py, benchmarks/summary.py)
+# ---------------------------------------------------------------------------------------
+
+def _runs():
+    from benchmarks.common import Runs
+
+    runs = Runs()
+    for rep, (a, b) in enumerate([(2.0, 1.0), (9.0, 1.5), (3.0, 1.2)]):  # one slow outlier for arm a
+        runs.add("a", rep, ms=a)
+        runs.add("b", rep, ms=b)
+    return runs
+
+
+def test_ratio_is_of_medians_and_spread_is_per_alternation():
+    runs = _runs()
+    assert runs.median("a", "ms") == 3.0 and runs.median("b", "ms") == 1.2
+    assert runs.ratio("a", "b", "ms") == 3.0 / 1.2  # the outlier does not move the median
+    lo, hi = runs.ratio_spread("a", "b", "ms")
+    assert (lo, hi) == (2.0, 6.0)
+    table = runs.spread("ms")
+    assert list(table["median_ms"]) == [3.0, 1.2] and list(table["max_ms"]) == [9.0, 1.5]
+
+
+def test_alternate_runs_arms_in_turn():
+    from benchmarks.common import alternate
+
+    order = []
+    runs = alternate({"x": lambda rep: order.append(("x", rep)) or {"v": rep},
+                      "y": lambda rep: order.append(("y", rep)) or {"v": 10 + rep}}, 2)
+    assert order == [("x", 0), ("y", 0), ("x", 1), ("y", 1)]
+    assert runs.values("y", "v") == [10.0, 11.0]
+
+
+def test_result_json_feeds_the_summary(tmp_path, capsys):
+    from benchmarks import summary
+    from benchmarks.common import machine_info, write_result
+
+    runs = _runs()
+    write_result(str(tmp_path), "search_overhead", "vgs_over_sampling_per_token", runs.ratio("a", "b", "ms"),
+                 goal="<= 1.15", spread=runs.ratio_spread("a", "b", "ms"), runs=runs, machine=machine_info())
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "vgs_over_sampling_per_token: 2.500"  # the final line is the median ratio
+    assert summary.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "search_overhead" in table and "2.500" in table and "2.000 .. 6.000" in table and "<= 1.15" in table
+    assert table.splitlines()[-1].split()[-2] == "no"  # 2.5 misses <= 1.15
+    assert summary.main([str(tmp_path / "missing")]) == 1

@@ -745,3 +745,45 @@ def test_guidance_budget_through_vllm_eval_keeps_going(tiny_policy, tiny_value, 
         assert rep is not None and rep.error is None and rep.value_tokens > 0
     finally:
         engine.close()
+
+
+def test_cached_value_model_packed_gemm_matches_torch_gemm(tiny_value, monkeypatch):
+    """On CPU with vLLM's oneDNN kernels the projections run packed (vgs.guidance.cpu_gemm);
+    the scores equal those of torch's GEMM, and VGS_GUIDANCE_ONEDNN=0 turns the packing off."""
+    from vgs.guidance.cpu_gemm import _onednn_ops
+    from vgs.guidance.worker_model import CachedValueModel
+
+    if _onednn_ops() is None:
+        pytest.skip("vLLM's oneDNN GEMM is not available here")
+    packed = CachedValueModel(tiny_value)
+    monkeypatch.setenv("VGS_GUIDANCE_ONEDNN", "0")
+    plain = CachedValueModel(tiny_value)
+    assert packed.packed and not plain.packed
+    assert packed.layers[0].mlp.down_proj.weight.numel() == 0  # HF copies released, not doubled
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (9, 30)]
+    cands = torch.randint(0, 151000, (2, 6), generator=g)
+    got = [m.score([m.alloc_row(), m.alloc_row()], seqs, cands).success_logit for m in (packed, plain)]
+    assert torch.allclose(got[0], got[1], atol=1e-4)
+    assert got[0].std() > 1e-3
+
+
+def test_guidance_timing_file_splits_the_step(tiny_value, tmp_path, monkeypatch):
+    """VGS_GUIDANCE_TIMING: one line per guided step, `rows seconds topk_s forward_s`, the
+    parts inside the total (what benchmarks/qsharp_overhead.py reports per step)."""
+    from vgs.guidance.guide import Guide
+
+    path = tmp_path / "timing.txt"
+    monkeypatch.setenv("VGS_GUIDANCE_TIMING", str(path))
+    guide = Guide("cpu", budget_gib=0.05)
+    reqs = [guide.start(sp(tiny_value)) for _ in range(2)]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (7, 12)]
+    for step in range(2):
+        logits = torch.randn(2, 151936, generator=g)
+        news = prompts if step == 0 else [[11], [12]]
+        guide.apply(logits, [0, 1], reqs, news, [step, step])
+    lines = [ln.split() for ln in path.read_text().splitlines()]
+    assert len(lines) == 2 and all(len(ln) == 4 and ln[0] == "2" for ln in lines)
+    for _, total, topk, forward in ([float(x) for x in ln] for ln in lines):
+        assert 0 < topk < total and 0 < forward < total and topk + forward <= total

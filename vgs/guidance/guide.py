@@ -72,9 +72,11 @@ class Guide:
         self.device = torch.device(device)
         self.budget_gib = budget_gib  # value-model KV budget (None: vgs.guidance.budget default)
         self._reports = _writes_reports()
-        # Optional profiling: `VGS_GUIDANCE_TIMING=/path` appends "rows seconds" per guided step
-        # (what benchmarks/qsharp_overhead.py reads to split the step time).
+        # Optional profiling: `VGS_GUIDANCE_TIMING=/path` appends "rows seconds topk_s forward_s"
+        # per guided step (what benchmarks/qsharp_overhead.py reads to split the step time; on
+        # CUDA the parts are host time, the total is synchronised).
         self._timing = os.environ.get("VGS_GUIDANCE_TIMING") or None
+        self._phases: dict[str, float] = {}
 
     # ---- request lifecycle --------------------------------------------------------------
     def start(self, sampling_params: Any) -> GuidedRequest | None:
@@ -135,9 +137,19 @@ class Guide:
         if self._timing:
             if logits.device.type == "cuda":
                 torch.cuda.synchronize(logits.device)
-            with open(self._timing, "a") as f:
-                f.write(f"{len(rows)} {time.perf_counter() - t0:.6f}\n")
+            total = time.perf_counter() - t0
+            ph = self._phases
+            with open(self._timing, "a") as f:  # rows, step, then its parts (top-k, value forward)
+                f.write(f"{len(rows)} {total:.6f} {ph.get('topk', 0.0):.6f} {ph.get('forward', 0.0):.6f}\n")
+            ph.clear()
         return logits
+
+    def _tick(self, phase: str, t0: float) -> float:
+        """With VGS_GUIDANCE_TIMING: add the time since t0 to `phase` (CPU: no device sync)."""
+        now = time.perf_counter()
+        if self._timing:
+            self._phases[phase] = self._phases.get(phase, 0.0) + now - t0
+        return now
 
     def _end_failed(self, logits: torch.Tensor, rows: list[int], reqs: list[GuidedRequest],
                     positions: list[int]) -> None:
@@ -172,7 +184,9 @@ class Guide:
         ref = logits if all_rows else logits.index_select(0, rows_t)
         ks = [r.params.top_k for r in reqs]
         kmax = min(max(ks), logits.shape[1])
+        t = time.perf_counter()
         cand = core.top_k_candidates(ref, kmax)  # [B, kmax]
+        self._tick("topk", t)
         valid = torch.arange(kmax, device=dev)[None, :] < upload(ks, dev, torch.long)[:, None]
         offs = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
 
@@ -186,7 +200,9 @@ class Guide:
                 sel = upload(idx, dev, torch.long)
                 c = cand.index_select(0, sel) if len(idx) != len(reqs) else cand
                 try:
+                    t = time.perf_counter()
                     scores = model.score([reqs[i].row for i in idx], feed.select(idx), c)
+                    self._tick("forward", t)
                 except GuidanceMemoryError as exc:
                     # Those rows cannot be cached within the budget: end them; score the rest.
                     out = set(exc.rows)

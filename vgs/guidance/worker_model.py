@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vgs.guidance.cpu_gemm import Linear, make_linear
 from vgs.guidance.offsets import CandidateScores
 from vgs.guidance.params import resolve_value_model_path
 from vgs.guidance.transfer import upload
@@ -134,9 +135,17 @@ class CachedValueModel:
     def _fuse_projections(self) -> None:
         """One matmul for q/k/v and one for gate/up per layer (fewer, larger ops: per-op overhead
         dominates small batches on CPU). The HF modules' weights become views of the fused
-        tensors, so memory is not doubled and the HF forward still works."""
+        tensors, so memory is not doubled and the HF forward still works.
+
+        On CPU inside vLLM's worker the four projections of each layer then run as vLLM's
+        prepacked oneDNN GEMMs (`vgs.guidance.cpu_gemm`: half the time of torch's fp32 GEMM
+        at guidance shapes). Those hold their own packed weights, so the HF projection
+        weights are released (`self.packed`): this instance's `hf` keeps embedding, norms and
+        head only, which is all the guidance forward uses."""
         self._qkv: list[tuple[torch.Tensor, torch.Tensor | None, list[int]]] = []
         self._gate_up: list[tuple[torch.Tensor, int]] = []
+        self._proj: list[tuple[Linear, Linear, Linear, Linear]] = []  # qkv, o, gate_up, down per layer
+        self.packed = False
         with torch.no_grad():
             for layer in self.layers:
                 a, mlp = layer.self_attn, layer.mlp
@@ -156,6 +165,16 @@ class CachedValueModel:
                 mlp.gate_proj.weight = torch.nn.Parameter(gu[:n], requires_grad=False)
                 mlp.up_proj.weight = torch.nn.Parameter(gu[n:], requires_grad=False)
                 self._gate_up.append((gu, n))
+                made = [make_linear(w, b), make_linear(a.o_proj.weight, a.o_proj.bias), make_linear(gu),
+                        make_linear(mlp.down_proj.weight, mlp.down_proj.bias)]
+                self._proj.append(tuple(f for f, _ in made))  # type: ignore[arg-type]
+                if all(p for _, p in made):
+                    self.packed = True
+                    empty = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+                    for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                        mod.weight = empty
+                    self._qkv[-1] = (empty, b, sizes)
+                    self._gate_up[-1] = (empty, n)
 
     # ---- cache rows and pages --------------------------------------------------------
     def alloc_row(self) -> int:
@@ -254,10 +273,13 @@ class CachedValueModel:
         """Everything a forward needs about its rows, built once on the host and uploaded:
         `n_real[i]` real tokens of row i (padded to `width`) follow its `lens[i]` cached ones."""
         dev = self.device
-        # Keys padded to whole pages (masked past each row's length): the attention shapes then
-        # repeat for a page's worth of steps, so cuDNN's SDPA reuses its execution plan instead of
-        # building one for every new length (~1.5 ms of host time per layer per step on an H200).
-        span = -(-(max(lens) + width) // self.page_size) * self.page_size
+        # On CUDA, keys padded to whole pages (masked past each row's length): the attention shapes
+        # then repeat for a page's worth of steps, so cuDNN's SDPA reuses its execution plan instead
+        # of building one for every new length (~1.5 ms of host time per layer per step on an H200).
+        # A CPU has no plan to reuse, and the padding would be computed and masked for nothing.
+        span = max(lens) + width
+        if dev.type == "cuda":
+            span = -(-span // self.page_size) * self.page_size
         slots = self._slot_table(rows, span)
         lens_t = upload(lens, dev, torch.long)
         write = None
@@ -310,19 +332,20 @@ class CachedValueModel:
         cos, sin = self.backbone.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            w, bias, sizes = self._qkv[i]
-            q, k, v = F.linear(layer.input_layernorm(x), w, bias).split(sizes, dim=-1)
+            mlp = layer.mlp
+            qkv_proj, o_proj, gate_up_proj, down_proj = self._proj[i]
+            _, _, sizes = self._qkv[i]
+            q, k, v = qkv_proj(layer.input_layernorm(x)).split(sizes, dim=-1)
             q = q.view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
             k = k.view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
             v = v.view(bsz, qlen, -1, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = self._attention(i, q, k, v, b, n_real, n_cand)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, qlen, -1))
-            gu, n = self._gate_up[i]
-            gate, up = F.linear(layer.post_attention_layernorm(x), gu).split([n, gu.shape[0] - n], dim=-1)
-            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+            x = x + o_proj(o.transpose(1, 2).reshape(bsz, qlen, -1))
+            _, n = self._gate_up[i]
+            gate, up = gate_up_proj(layer.post_attention_layernorm(x)).split([n, mlp.up_proj.out_features], dim=-1)
+            x = x + down_proj(mlp.act_fn(gate) * up)
         return self.backbone.norm(x)
 
     @torch.inference_mode()

@@ -73,7 +73,7 @@ def problem_sets(split: str, seeds: list[int], n: int):
     return out
 
 
-def run_method(name: str, search, problems, engines, sampling, out_dir: str, seed: int, batch: int = 100) -> list[dict]:
+def run_method(name: str, search, problems, engines: "LazyEngines", sampling, out_dir: str, seed: int, batch: int = 100) -> list[dict]:
     """Run (or resume) one method over the problems; returns the graded rows in problem order."""
     from tqdm import tqdm
 
@@ -86,8 +86,9 @@ def run_method(name: str, search, problems, engines, sampling, out_dir: str, see
     done = results.done()
     todo = [WorkItem(p, 0, derive_seed(seed, p.benchmark, p.id, 0)) for p in problems
             if ResultsFile.key(p.benchmark, p.id, 0) not in done]
-    tok = engines.policy.tokenizer
     if todo:
+        engines = engines.get()
+        tok = engines.policy.tokenizer
         with Grader() as grader, tqdm(total=len(problems), initial=len(problems) - len(todo), desc=name,
                                       unit="prob", dynamic_ncols=True) as bar:
             for i in range(0, len(todo), batch):
@@ -104,6 +105,33 @@ def run_method(name: str, search, problems, engines, sampling, out_dir: str, see
     wanted = {p.id for p in problems}
     by_id = {r["problem_id"]: r for r in results.iter_rows() if r["problem_id"] in wanted}
     return [by_id[p.id] for p in problems]
+
+
+class LazyEngines:
+    """The policy and value engines, started on first use: a re-run whose rows are all stored
+    only reports (an engine start takes minutes on a busy 2-core machine)."""
+
+    def __init__(self, args):
+        self.args, self._engines = args, None
+
+    def get(self):
+        if self._engines is None:
+            from vgs.config import EngineConfig
+            from vgs.engine import PolicyEngine
+            from vgs.search import Engines
+            from vgs.value import make_value_scorer
+
+            a = self.args
+            policy = PolicyEngine(EngineConfig(model=a.policy, kv_cache_gib=0.25, max_model_len=256, seed=a.seed))
+            value = make_value_scorer(a.value_model, backend="vllm", tokenizer=a.policy, kv_cache_gib=0.25,
+                                      max_model_len=256)
+            self._engines = Engines(policy=policy, value=value, value_model=a.value_model)
+        return self._engines
+
+    def close(self) -> None:
+        if self._engines is not None:
+            self._engines.value.close()
+            self._engines.policy.close()
 
 
 def models_fingerprint(*dirs: str) -> str:
@@ -167,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args) -> int:
-    from vgs.config import EngineConfig, SamplingConfig, SearchConfig
-    from vgs.engine import PolicyEngine
-    from vgs.search import Engines
-    from vgs.value import make_value_scorer
+    from vgs.config import SamplingConfig, SearchConfig
 
     t_start = time.time()
     first = args.first_seed if args.first_seed is not None else (FIRST_HELDOUT_SEED if args.split == "heldout" else DEV_SEED)
@@ -182,12 +207,9 @@ def evaluate(args) -> int:
     print(f"demo_world: {args.split} problem sets of seeds {seeds} ({args.problems} problems each), budget {args.n} "
           f"generations per problem, VGS blocks {args.blocks}, policy {args.policy}, value model {args.value_model}",
           flush=True)
-    policy = PolicyEngine(EngineConfig(model=args.policy, kv_cache_gib=0.25, max_model_len=256, seed=args.seed))
-    value = make_value_scorer(args.value_model, backend="vllm", tokenizer=args.policy, kv_cache_gib=0.25,
-                              max_model_len=256)
-    engines = Engines(policy=policy, value=value, value_model=args.value_model)
     runs: dict[int, dict[str, list[dict]]] = {}
     checks: dict[int, dict[str, list[dict]]] = {}
+    engines = LazyEngines(args)
     try:
         for s in seeds:
             out, probs = os.path.join(root, f"seed{s}"), sets[s]
@@ -206,8 +228,7 @@ def evaluate(args) -> int:
                 runs[s]["qsharp"] = run_method("qsharp", SearchConfig(method="qsharp", n=args.n).validate(),
                                                probs, engines, sampling, out, args.seed)
     finally:
-        value.close()
-        policy.close()
+        engines.close()
     report(args, seeds, runs, checks, os.path.join(root, f"seeds{seeds[0]}-{seeds[-1]}"))
     print(f"total time {time.time() - t_start:.0f} s")
     return 0

@@ -32,7 +32,8 @@ def budgets(n: int) -> list[int]:
 
 
 def _vote(samples: list[dict], metric: str) -> float:
-    v = vote([s["answer"] for s in samples], weights=[s["value"] for s in samples],
+    values = [s["value"] for s in samples]
+    v = vote([s["answer"] for s in samples], weights=values if None not in values else None,
              correct=[bool(s["correct"]) for s in samples], classes=[s["class"] for s in samples])
     return float(getattr(v, metric))
 

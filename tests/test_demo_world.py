@@ -108,6 +108,17 @@ def test_tree_pooling_and_subsets_on_known_rows():
     assert analysis.budgets(16) == [2, 4, 8, 16]
 
 
+def test_cli_bad_arguments_exit_2(capsys):
+    from benchmarks.demo_world.__main__ import main
+
+    for argv, msg in ((["--n", "6"], "--n must be a power of two"), (["--seeds", "0"], "--seeds must be >= 1"),
+                      (["--blocks", "6,x"], "--blocks must be comma-separated"), (["--blocks", "6,6"], "distinct"),
+                      (["--value-model", "/nonexistent"], "demo value model missing")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("demo_world: error: ") and msg in err and err.count("\n") == 1, err
+
+
 def test_problem_sets_are_disjoint_across_seeds():
     from benchmarks.demo_world.__main__ import problem_sets
 

@@ -23,12 +23,10 @@ from vgs.grading import vote
 
 
 def budgets(n: int) -> list[int]:
-    """2, 4, ... up to n (n a power of two)."""
-    out, k = [], 2
-    while k < n:
-        out.append(k)
-        k *= 2
-    return out + [n]
+    """2, 4, ... up to n (n a power of two): `vgs report`'s budgets without 1."""
+    from vgs.eval.report import _budgets
+
+    return [k for k in _budgets(n) if k >= 2]
 
 
 def _vote(samples: list[dict], metric: str) -> float:

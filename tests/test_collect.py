@@ -395,3 +395,41 @@ def test_train_rounds_two_rounds_vllm(policy_engine, tiny_policy, data_dir, tmp_
     # re-running the finished command changes nothing
     again = run_rounds(cfg, factory)
     assert [s["model"] for s in again] == [s["model"] for s in summary]
+
+
+@pytest.mark.vllm
+def test_collect_demo_pair_labels_match_the_texts(tmp_path):
+    """Through real vLLM on the demo world's policy, which answers correctly about half the time
+    (the tiny random policy never does, so label 1 never occurs there): every row's label is
+    recomputed from its own text (the boxed answer against the gold, unfinished = 2) and the
+    manifest's counts equal the recomputed ones; labels 0 and 1 both occur."""
+    from benchmarks.demo_world import POLICY_DIR, task
+    from vgs.config import EngineConfig
+    from vgs.engine import PolicyEngine
+    from vgs.grading import extract_answer
+    from vgs.prompts import load_tokenizer
+
+    problems = tmp_path / "demo.jsonl"
+    with open(problems, "w") as f:
+        for p in task.make_split("train", 12, seed=7):
+            f.write(json.dumps({"id": p.id, "problem": p.problem, "answer": p.answer}) + "\n")
+    engine = PolicyEngine(EngineConfig(model=str(POLICY_DIR), kv_cache_gib=0.25, max_model_len=256))
+    try:
+        cfg = CollectConfig(problems=str(problems), out=str(tmp_path / "c"), ref=str(POLICY_DIR), samples_per_problem=2,
+                            roll_outs=2, max_tokens=48, switch="sqrt", chunk_size=6, progress=False)
+        m = collect(cfg, lambda model: (engine, False))
+    finally:
+        engine.close()
+    df = _rows(cfg.out)
+    tok = load_tokenizer(str(POLICY_DIR))
+    gold = {json.loads(line)["id"]: json.loads(line)["answer"] for line in open(problems)}
+    expected = []
+    for r in df.itertuples():
+        ids = list(r.roll_in_ids[r.prompt_len:]) + list(r.roll_out_ids)
+        finished = ids[-1] == tok.eos_token_id
+        answer = extract_answer(tok.decode(ids, skip_special_tokens=True))
+        expected.append(2 if not finished else int(answer == gold[r.problem_id]))
+    assert df.label.tolist() == expected
+    counts = [expected.count(c) for c in range(3)]
+    assert m["totals"]["labels"] == counts
+    assert counts[0] > 0 and counts[1] > 0, counts

@@ -197,6 +197,25 @@ def test_bad_arguments_exit_2(tmp_path):
     assert main(["--data", "x", "--init", "x", "--out", str(tmp_path / "o"), "--dropout", "1.5"]) == 2
 
 
+def test_head_init_fan_in(tiny_policy):
+    """--head-init fan_in re-draws a new head from N(0, 1/fan_in); the default keeps
+    transformers' N(0, initializer_range) (0.02), ~4x smaller at hidden 128."""
+    from value_models.train import build_model
+
+    def head_stds(init: str) -> list[float]:
+        cfg = TrainConfig(data=["x"], init=tiny_policy, out="x", head_init=init, seed=3)
+        model = build_model(cfg, tiny_policy, main=False)
+        return [float(model.score[i].weight.detach().std()) for i in (0, 2)]
+
+    hidden = 128
+    assert all(abs(s - 0.02) < 0.002 for s in head_stds("config"))
+    first, second = head_stds("fan_in")
+    assert abs(first - hidden**-0.5) < 0.1 * hidden**-0.5  # 128 x 128 draws
+    assert abs(second - hidden**-0.5) < 0.3 * hidden**-0.5  # 3 x 128 draws
+    with pytest.raises(VGSError, match="--head-init"):
+        TrainConfig(data=["x"], init="x", out="x", head_init="zeros").validate()
+
+
 # ------------------------------------------------------------------------------- torchrun
 
 

@@ -53,6 +53,7 @@ TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "grad_norm", "seqs", "loss_tokens
 VAL_FIELDS = ["step", "val_loss", "val_seqs", "acc", "auc", "ece", "brier", "prefix_auc", "prefix_ece", "pos_frac"]
 VARLEN_ATTN = ("flash_attention_2", "flash_attention_3")
 DCP_DIR = "dcp"
+HEAD_INITS = ("config", "fan_in")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "generation_config.json")
 
@@ -80,6 +81,7 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 5.0
     dropout: float = 0.05
+    head_init: str = "config"  # a new head's matrices: "config" (N(0, initializer_range)) or "fan_in" (N(0, 1/fan_in))
     grad_checkpointing: bool | None = None  # None: on for GPU runs, off on CPU
     pack: bool = False
     drop: str = "auto"  # problem filter over all --data: auto = what the collection manifests name
@@ -119,6 +121,7 @@ class TrainConfig:
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        need(self.head_init in HEAD_INITS, f"--head-init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         need(self.dtype in ("auto", "bf16", "fp32"), f"--dtype must be auto, bf16 or fp32, got {self.dtype}")
         need(self.pad_to_multiple >= 1, "--pad-to-multiple must be >= 1")
         need(self.keep_last >= 1, "--keep-last must be >= 1")
@@ -260,11 +263,28 @@ def build_model(cfg: TrainConfig, source: str, main: bool):
     finally:
         hf_logging.set_verbosity(verbosity)
     model.head_dropout = cfg.dropout
+    if not warm and cfg.head_init == "fan_in":
+        init_head_fan_in(model)
     if main:
         kind = "value model (warm start)" if warm else "causal LM backbone + new head"
         n = sum(p.numel() for p in model.parameters())
         print(f"[train] init from {source}: {kind}, {n / 1e6:.1f}M params, {cfg.num_labels} label(s)", flush=True)
     return model
+
+
+def init_head_fan_in(model) -> None:
+    """Re-draw a new head's matrices from N(0, 1/fan_in) (seeded by the caller).
+
+    Why: transformers draws them from N(0, initializer_range = 0.02) whatever the width. For
+    the published 1.5B (hidden 1536) that is about 1/sqrt(fan_in) anyway; for a hidden-128
+    model it is 4.4x smaller per layer, ~20x on the logits, and the backbone gets almost no
+    gradient through the head at first (docs/demo_world.md: the demo value model's plateau)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.score:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, layer.weight.shape[1] ** -0.5)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -870,6 +890,9 @@ def add_arguments(p: argparse.ArgumentParser, rounds: bool = False) -> None:
     g.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon (published: 1e-6)")
     g.add_argument("--grad-clip", type=float, default=5.0, help="global grad-norm clip (0: off)")
     g.add_argument("--dropout", type=float, default=0.05, help="attention + head-input dropout (published: 0.05)")
+    g.add_argument("--head-init", default="config", choices=HEAD_INITS,
+                   help="a new head (init from a causal LM): config = N(0, initializer_range) as transformers does, "
+                        "fan_in = N(0, 1/fan_in), width-independent (small models learn faster, docs/demo_world.md)")
     g.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True, default=None,
                    help="recompute activations in backward (default: on for GPU runs, off on CPU)")
     g.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const=False)

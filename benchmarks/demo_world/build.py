@@ -41,9 +41,10 @@ class BuildConfig:
     roll_outs: int = 2
     max_tokens: int = 48
     temperature: float = 1.0
-    value_steps: int = 500
+    value_steps: int = 1000  # was 500: AUC was still rising (0.70); docs/demo_world.md, "Value model"
     value_batch_size: int = 64
     value_lr: float = 1e-3
+    value_head_init: str = "fan_in"  # the trainer's default N(0, 0.02) head is ~20x too small at hidden 128
     seed: int = 0
 
 
@@ -74,7 +75,7 @@ def train_command(cfg: BuildConfig, policy: str, data: str, out: str) -> list[st
     return [sys.executable, "-m", "value_models.train", "--data", data, "--init", policy, "--out", out,
             "--batch-size", str(cfg.value_batch_size), "--micro-batch-size", str(cfg.value_batch_size),
             "--steps", str(cfg.value_steps), "--lr", str(cfg.value_lr), "--max-length", "128",
-            "--dropout", "0", "--weight-decay", "0", "--grad-clip", "1.0", "--warmup-steps", "30",
+            "--dropout", "0", "--head-init", cfg.value_head_init, "--weight-decay", "0", "--grad-clip", "1.0", "--warmup-steps", "30",
             "--val-fraction", "0.05", "--eval-every", "100", "--log-every", "10", "--seed", str(cfg.seed)]
 
 

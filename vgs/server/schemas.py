@@ -1,7 +1,7 @@
 """HTTP request bodies (pydantic) and their conversion into the project's configs.
 
 The OpenAI fields behave as in vLLM's server; the `search` object (the OpenAI client's
-`extra_body`) is parsed by `vgs.config.search_config_from_dict`, the same code as the CLI.
+`extra_body`) is parsed by `vgs.search.methods.search_config_from_dict`, the same code as the CLI.
 Unknown top-level fields are errors (not silently ignored, unlike vLLM's models); the
 OpenAI/vLLM fields this server does not implement are accepted with their neutral value only
 (`vgs.server.fields`)."""

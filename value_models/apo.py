@@ -59,6 +59,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from value_models.checks import need
 from value_models.checkpointing import (CKPT_DIR, DCP_DIR, STATE_FILE, load_sharded, mark_final, open_run,
                                         publish_checkpoint, remove_partial, save_sharded, save_tokenizer, staging_dir)
 from value_models.distributed import (all_sum, autocast, barrier, ddp, fully_shard_layers, pin_local_device,
@@ -114,10 +115,6 @@ class ApoConfig:
     progress: bool = True
 
     def validate(self) -> "ApoConfig":
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise VGSError(msg)
-
         need(bool(self.data), "--data is required (a `vgs apo-vstar` output directory)")
         need(bool(self.init), "--init is required (the policy to train; also pi_ref unless --ref)")
         need(bool(self.out), "--out is required")

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from vgs.errors import VGSError
+from value_models.checks import need
 from value_models.checkpointing import (CKPT_DIR, DCP_DIR, STATE_FILE, final_model, load_sharded, mark_final,
                                         open_run, publish_checkpoint, remove_partial, save_sharded, save_tokenizer,
                                         staging_dir)
@@ -99,10 +100,6 @@ class TrainConfig:
     run_name: str | None = None
 
     def validate(self) -> "TrainConfig":
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise VGSError(msg)
-
         need(bool(self.data), "--data is required")
         need(bool(self.init), "--init is required (a causal-LM or value-model checkpoint)")
         need(bool(self.out), "--out is required")

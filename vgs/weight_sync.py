@@ -107,9 +107,9 @@ def write_weights(weights: Iterable[tuple[str, Any]], path: str, dtype: Any = No
         t = t.detach()
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)  # on the trainer's device first: the copy to host moves the smaller tensor
-        # clone: a CPU tensor would otherwise alias the caller's (two names of one storage, or
-        # a parameter the optimizer changes before the file is written)
-        t = t.to("cpu", copy=True).contiguous()
+        elif t.device.type == "cpu":
+            t = t.clone()  # never alias the caller's tensor (two names of one storage, a live parameter)
+        t = t.to("cpu").contiguous()
         bucket[name] = t
         size += t.numel() * t.element_size()
         if size >= bucket_bytes:

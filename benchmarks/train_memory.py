@@ -54,19 +54,21 @@ class Setup:
     gpu: bool = True
 
 
-def model_shape(config) -> dict:
-    """Parameter counts from the real module built on the meta device (no memory)."""
+def model_shape(config, causal_lm: bool = False) -> dict:
+    """Parameter counts from the real module built on the meta device (no memory; tied weights
+    once): the value model (`Qwen2ForClassifier`), or with `causal_lm` the policy."""
     import torch
+    from transformers import Qwen2ForCausalLM
 
     from vgs.modeling import Qwen2ForClassifier
 
     with torch.device("meta"):
-        m = Qwen2ForClassifier(config)
+        m = (Qwen2ForCausalLM if causal_lm else Qwen2ForClassifier)(config)
     total = sum(p.numel() for p in m.parameters())
     layer = sum(p.numel() for p in m.model.layers[0].parameters())
     return {"params": total, "layer_params": layer, "L": config.num_hidden_layers, "H": config.hidden_size,
             "Hkv": config.num_key_value_heads * (config.hidden_size // config.num_attention_heads),
-            "I": config.intermediate_size, "heads": config.num_attention_heads}
+            "I": config.intermediate_size, "heads": config.num_attention_heads, "V": config.vocab_size}
 
 
 def layer_bytes_per_token(s: dict, a: int, r: int = 4, repeat_kv: bool = False) -> float:
@@ -300,21 +302,16 @@ def gpu_rows(world: int, gpu_gib: float) -> list[dict]:
 
 
 @dataclass
-class ApoSetup:
-    """One A*-PO configuration per GPU, as far as memory is concerned."""
+class ApoSetup(Setup):
+    """One A*-PO configuration per GPU: a `Setup` at the published shapes plus pi_ref, the
+    log-prob chunk and the vLLM engine's share of the GPU."""
 
-    name: str
     micro_batch: int = 8
     seq_len: int = 256 + 1024  # published prompt + response lengths
     world: int = 8
-    fsdp: bool = False
-    grad_ckpt: bool = True
     ref_bytes: int = 2  # pi_ref weights: 2 = bf16 (new GPU default), 4 = fp32 (the old default)
     chunk: int = 512  # --logprob-chunk
-    compute_bytes: int = 2
     vllm_share: float = 0.4  # --gpu-memory-utilization of the engine beside the trainer
-    padding_mask: bool = True
-    gpu: bool = True
 
 
 def qwen25_config(size: str):
@@ -331,17 +328,7 @@ def qwen25_config(size: str):
 
 
 def causal_lm_shape(config) -> dict:
-    """Parameter counts of the Qwen2 causal LM built on the meta device (tied weights once)."""
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    with torch.device("meta"):
-        m = Qwen2ForCausalLM(config)
-    total = sum(p.numel() for p in m.parameters())
-    layer = sum(p.numel() for p in m.model.layers[0].parameters())
-    return {"params": total, "layer_params": layer, "L": config.num_hidden_layers, "H": config.hidden_size,
-            "Hkv": config.num_key_value_heads * (config.hidden_size // config.num_attention_heads),
-            "I": config.intermediate_size, "heads": config.num_attention_heads, "V": config.vocab_size}
+    return model_shape(config, causal_lm=True)
 
 
 def apo_estimate(s: dict, u: ApoSetup, gpu_gib: float = 80.0) -> dict[str, float]:

@@ -182,6 +182,8 @@ class PolicyEngine:
         if logits_processors:
             kw["logits_processors"] = logits_processors
             guidance_budget(cfg, kw)
+        # RL weight sync: the workers can re-tie a tied LM head after an in-place reload
+        kw.setdefault("worker_extension_cls", "vgs.weight_sync.WeightSyncWorkerExtension")
         self.llm = run_sync(start_async_llm(kw))  # built on the loop that will drive it
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.num_params = count_params(cfg.model)
@@ -252,9 +254,12 @@ class PolicyEngine:
             log.warning("prefix cache not reset after a weight update (requests still running?)")
 
     async def _reload(self, path: str) -> bool:
-        """Every worker reloads the staged files, then the prefix cache is dropped (on the
+        """Every worker reloads the staged files (and re-ties a tied LM head,
+        `vgs.weight_sync.WeightSyncWorkerExtension`), then the prefix cache is dropped (on the
         engine loop, which owns the AsyncLLM)."""
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True})
+        if self.tied_weight_names:  # vLLM's reload leaves a tied head on the old tensor
+            await self.llm.collective_rpc("vgs_retie_word_embeddings")
         return bool(await self.llm.reset_prefix_cache())
 
     def sampling_params(self, req: GenRequest, sampling: SamplingConfig, delta: bool = False) -> Any:

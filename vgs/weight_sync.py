@@ -118,3 +118,29 @@ def write_weights(weights: Iterable[tuple[str, Any]], path: str, dtype: Any = No
     if not files:
         raise VGSError("update_weights got no tensors")
     return total
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into every vLLM worker (`EngineArgs.worker_extension_cls`, set by `PolicyEngine`),
+    callable by name through `collective_rpc`.
+
+    Why: after vLLM 0.32's in-place `reload_weights` of a tied model (`lm_head.weight` is
+    skipped on load), the LM head still computes with the old weights while the input
+    embedding has the new ones (measured on a tiny tied model: log-probs off by ~1 nat, equal
+    to 1e-6 to a model with the new embedding and the old head). On CPU the head's gemm weight
+    is also pre-packed after loading. Re-tying the head to the embedding and re-running its
+    post-load processing after each reload restores the model vLLM built."""
+
+    def vgs_retie_word_embeddings(self) -> bool:
+        model = self.get_model()
+        if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            return False
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if lm_head is None or embed is None or not hasattr(lm_head, "tie_weights"):
+            return False
+        model.lm_head = lm_head = lm_head.tie_weights(embed)
+        method = getattr(lm_head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(lm_head)  # CPU: re-pack the head's gemm weight
+        return True

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     first, last = log.head(20), log.tail(20)
     print(f"\ntraining reward (first/last 20 steps): {first.reward.mean():.3f} -> {last.reward.mean():.3f}; "
           f"KL estimate {last.kl.mean():.3f}; entropy {first.entropy.mean():.3f} -> {last.entropy.mean():.3f}")
+    print(f"weight sync (bf16/fp32 staging in /dev/shm + vLLM reload): median {log.sync_s.median():.3f} s per step "
+          f"(max {log.sync_s.max():.3f}); step median {log.step_s.median():.2f} s")
     print(f"time: stage 1 {t1 - t0:.0f} s, stage 2 {t2 - t1:.0f} s, eval {time.time() - t2:.0f} s")
     table.to_csv(os.path.join(out, "result.csv"))
     return 0

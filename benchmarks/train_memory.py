@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_memory            # tables for the published run and the defaults
     python -m benchmarks.train_memory --gpu-gib 80 --world 128
+    python -m benchmarks.train_memory --apo      # A*-PO (value_models.apo) at the published shapes
 
 Prints (1) the analytic per-GPU estimate (weights, gradients, optimizer, activations, masks)
 for the published configuration (1.5B, micro-batch 8, 16,384 tokens, 128 GPUs) and for this
@@ -16,6 +17,13 @@ model behind the GPU table.
 What the trainer keeps (value_models/train.py): fp32 master weights, fp32 gradients, fp32
 AdamW moments; on GPU the forward runs under bf16 autocast (bf16 activations, bf16 weight
 copies cached for the forward); the residual stream stays fp32 (weights are fp32).
+
+A*-PO (`--apo`, value_models/apo.py) adds a frozen pi_ref (bf16 on GPU by default), computes
+log-probs of the response tokens only, in checkpointed chunks of `--logprob-chunk` rows of
+the vocabulary-wide logits, and shares each GPU with a vLLM engine that reserves
+`--gpu-memory-utilization` of it. The table covers Qwen2.5-1.5B/3B/7B at the published shapes
+(256 + 1024 tokens), DDP and FSDP, checkpointing on/off, and flags what does not fit; the CPU
+check measures one real A*-PO step of a tiny model against the same formula.
 """
 
 from __future__ import annotations
@@ -46,19 +54,21 @@ class Setup:
     gpu: bool = True
 
 
-def model_shape(config) -> dict:
-    """Parameter counts from the real module built on the meta device (no memory)."""
+def model_shape(config, causal_lm: bool = False) -> dict:
+    """Parameter counts from the real module built on the meta device (no memory; tied weights
+    once): the value model (`Qwen2ForClassifier`), or with `causal_lm` the policy."""
     import torch
+    from transformers import Qwen2ForCausalLM
 
     from vgs.modeling import Qwen2ForClassifier
 
     with torch.device("meta"):
-        m = Qwen2ForClassifier(config)
+        m = (Qwen2ForCausalLM if causal_lm else Qwen2ForClassifier)(config)
     total = sum(p.numel() for p in m.parameters())
     layer = sum(p.numel() for p in m.model.layers[0].parameters())
     return {"params": total, "layer_params": layer, "L": config.num_hidden_layers, "H": config.hidden_size,
             "Hkv": config.num_key_value_heads * (config.hidden_size // config.num_attention_heads),
-            "I": config.intermediate_size, "heads": config.num_attention_heads}
+            "I": config.intermediate_size, "heads": config.num_attention_heads, "V": config.vocab_size}
 
 
 def layer_bytes_per_token(s: dict, a: int, r: int = 4, repeat_kv: bool = False) -> float:
@@ -287,6 +297,176 @@ def gpu_rows(world: int, gpu_gib: float) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# A*-PO
+
+
+@dataclass
+class ApoSetup(Setup):
+    """One A*-PO configuration per GPU: a `Setup` at the published shapes plus pi_ref, the
+    log-prob chunk and the vLLM engine's share of the GPU."""
+
+    micro_batch: int = 8
+    seq_len: int = 256 + 1024  # published prompt + response lengths
+    world: int = 8
+    ref_bytes: int = 2  # pi_ref weights: 2 = bf16 (new GPU default), 4 = fp32 (the old default)
+    chunk: int = 512  # --logprob-chunk
+    vllm_share: float = 0.4  # --gpu-memory-utilization of the engine beside the trainer
+
+
+def qwen25_config(size: str):
+    """Qwen2.5 base architectures (the published A*-PO policies), from their Hub configs."""
+    from transformers import Qwen2Config
+
+    shapes = {"1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                           num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+              "3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+              "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)}
+    return Qwen2Config(**shapes[size], max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+def causal_lm_shape(config) -> dict:
+    return model_shape(config, causal_lm=True)
+
+
+def apo_estimate(s: dict, u: ApoSetup, gpu_gib: float = 80.0) -> dict[str, float]:
+    """Bytes per GPU at the peak of an A*-PO optimizer step (policy forward/backward of one
+    micro-batch after the first step), plus the vLLM engine's reservation.
+
+    Policy: as `estimate` (fp32 master weights, grads, AdamW; autocast copies or FSDP-gathered
+    layers; DDP buckets). pi_ref: its weights only (its log-probs are computed once per batch
+    under no_grad, before the updates, so its activations are gone at the peak). Activations:
+    the decoder's (same per-layer model), then the log-prob head: the final hidden states and
+    their gathered response rows (fp32), and one checkpointed chunk of [chunk x vocab] logits
+    recomputed in backward: the matmul output (compute dtype), its fp32 copy (autocast only),
+    softmax, softmax * logits, and the fp32 gradient flowing back."""
+    P, Pl, L, H, I, V = s["params"], s["layer_params"], s["L"], s["H"], s["I"], s["V"]
+    a = u.compute_bytes
+    n = u.micro_batch * u.seq_len
+    shard = u.world if u.fsdp else 1
+    weights = 4 * P / shard
+    if u.fsdp:
+        weights += a * (2 * Pl + (P - L * Pl))
+    elif a != 4:
+        weights += a * P
+    grads = 4 * P / shard
+    ddp_buckets = 4 * P if (u.world > 1 and not u.fsdp) else 0
+    optimizer = 8 * P / shard
+    ref = u.ref_bytes * P / shard
+    repeat = u.padding_mask and u.gpu and s["Hkv"] != H
+    per_layer = layer_bytes_per_token(s, a, repeat_kv=repeat)
+    head = n * (4 * H + 4 * H) + n * 4 * H  # final norm input + output (fp32), gathered response rows
+    if u.grad_ckpt:
+        acts = n * (L * 4 * H + per_layer) + head
+    else:
+        acts = n * (L * per_layer + 4 * H) + head
+    chunk = min(u.chunk, n) * V * (a + (4 if a != 4 else 0) + 4 + 4 + 4)
+    transient = max(n * (3 * a * I + 2 * 4 * H), chunk)
+    mask = float(u.micro_batch) * u.seq_len * u.seq_len * (1 + a) if u.padding_mask else 0.0
+    peak = weights + optimizer + ddp_buckets + ref + mask + max(acts + transient, grads)
+    vllm = u.vllm_share * gpu_gib * GIB
+    return {"weights": weights, "ref": ref, "grads": grads + ddp_buckets, "optimizer": optimizer, "activations": acts,
+            "logits_chunk": chunk, "trainer_peak": peak, "vllm": vllm, "total": peak + vllm}
+
+
+def apo_rows(world: int, gpu_gib: float) -> list[dict]:
+    """The published shapes (Qwen2.5-1.5B/3B/7B, micro-batch 8 x (256 + 1024) tokens, vLLM at
+    0.4 of the GPU) under the new defaults (checkpointing on, pi_ref bf16) and the old ones."""
+    rows = []
+    for size in ("1.5B", "3B", "7B"):
+        shape = causal_lm_shape(qwen25_config(size))
+        setups = [ApoSetup(f"{size} FSDP, ckpt, ref bf16 (defaults + --fsdp)", world=world, fsdp=True),
+                  ApoSetup(f"{size} DDP, ckpt, ref bf16 (defaults)", world=world),
+                  ApoSetup(f"{size} FSDP, no ckpt, ref bf16", world=world, fsdp=True, grad_ckpt=False),
+                  ApoSetup(f"{size} DDP, no ckpt, ref fp32 (old defaults)", world=world, grad_ckpt=False, ref_bytes=4)]
+        for u in setups:
+            e = apo_estimate(shape, u, gpu_gib)
+            rows.append({"config": u.name, **{k + "_GiB": v / GIB for k, v in e.items()},
+                         f"fits_{gpu_gib:g}GiB": "yes" if e["total"] <= FIT_SHARE * gpu_gib * GIB else "no"})
+    return rows
+
+
+def tiny_lm_config():
+    """A tiny Qwen2 causal LM (head size 64, GQA) whose vocabulary makes the log-prob chunk a
+    real share of the peak."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                       tie_word_embeddings=False, use_cache=False)
+
+
+def measure_apo_cpu(config, micro_batch: int, seq_len: int, prompt_len: int, grad_ckpt: bool, chunk: int,
+                    steps: int = 2) -> dict[str, float]:
+    """Peak live tensor bytes over `steps` real A*-PO steps on CPU (MemTracker): the trainer's
+    own log-prob module, loss, pi_ref forward and AdamW, one micro-batch per step."""
+    import numpy as np
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import Qwen2ForCausalLM
+
+    from value_models.apo import ApoConfig, _module, apo_sequence_loss, collate, sequence_sums
+    from value_models.train import param_groups
+
+    torch.manual_seed(0)
+    LP = _module()
+    policy = Qwen2ForCausalLM(replace(config)).float()
+    # pi_ref: frozen by running it under no_grad (MemTracker cannot hook parameters without grad)
+    ref = Qwen2ForCausalLM(replace(config)).float().eval()
+    for m in (policy, ref):
+        m.config._attn_implementation = "sdpa"
+    if grad_ckpt:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    model, ref_model = LP(policy, chunk), LP(ref, chunk)
+    ac = ApoConfig(data=["-"], init="-", out="-")
+    opt = torch.optim.AdamW(param_groups(policy, ac.weight_decay), lr=1e-6, betas=(ac.adam_beta1, ac.adam_beta2),
+                            eps=ac.eps)
+    rng = np.random.default_rng(0)
+    tracker = MemTracker()
+    tracker.track_external(model, ref_model, opt)
+    with tracker:
+        for _ in range(steps):
+            tracker.reset_mod_stats()
+            prompts = [rng.integers(0, config.vocab_size, size=prompt_len).tolist() for _ in range(micro_batch)]
+            responses = [rng.integers(0, config.vocab_size, size=seq_len - prompt_len).tolist()
+                         for _ in range(micro_batch)]
+            b = collate(prompts, responses, pad_id=0)
+            with torch.no_grad():
+                ref_lp = sequence_sums(ref_model(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)[0], b)
+            lp_tok, ent = model(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)
+            lp = sequence_sums(lp_tok, b)
+            r = torch.tensor(rng.integers(0, 2, size=micro_batch), dtype=torch.float32)
+            loss = apo_sequence_loss(lp, ref_lp, r, torch.full_like(r, 0.5), ac.beta2).mean() - ac.entropy_coeff * ent.mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del lp_tok, ent, lp, loss, b, ref_lp
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    return {"peak": float(peak)}
+
+
+def apo_check_rows(micro_batch: int = 4, seq_len: int = 512, prompt_len: int = 128, chunk: int = 256) -> list[dict]:
+    """Measured vs estimated A*-PO peak for the tiny causal LM on CPU (fp32 everywhere, pi_ref
+    fp32, one process, no vLLM share, equal lengths: no padding mask)."""
+    cfg = tiny_lm_config()
+    shape = causal_lm_shape(cfg)
+    rows = []
+    for ckpt in (False, True):
+        u = ApoSetup(f"tiny A*-PO, CPU fp32, ckpt {'on' if ckpt else 'off'}", micro_batch, seq_len, world=1,
+                     grad_ckpt=ckpt, ref_bytes=4, chunk=chunk, compute_bytes=4, vllm_share=0.0, padding_mask=False,
+                     gpu=False)
+        est = apo_estimate(shape, u, 0.0)
+        got = measure_apo_cpu(cfg, micro_batch, seq_len, prompt_len, ckpt, chunk)
+        rows.append({"config": u.name, "tokens": micro_batch * seq_len, "params_M": shape["params"] / 1e6,
+                     "estimate_MiB": est["trainer_peak"] / 2**20, "measured_MiB": got["peak"] / 2**20,
+                     "ratio": est["trainer_peak"] / got["peak"]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
@@ -300,10 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-gpu", type=int, nargs="*", metavar="MB",
                    help="on a CUDA GPU: measure the published shape at these micro-batches x 16,384 tokens "
                         "against the estimate (e.g. --measure-gpu 1 4 8)")
+    p.add_argument("--apo", action="store_true",
+                   help="A*-PO instead: Qwen2.5-1.5B/3B/7B at the published shapes, DDP/FSDP, checkpointing "
+                        "on/off, with the vLLM engine's share (--world default 8 here)")
     args = p.parse_args(argv)
-    shape = model_shape(published_config())
-    pd.set_option("display.width", 200)
+    pd.set_option("display.width", 220)
     pd.set_option("display.max_columns", 20)
+    if args.apo:
+        return apo_main(args, pd)
+    shape = model_shape(published_config())
     print(f"value model 1.5B: {shape['params'] / 1e9:.3f}B params ({shape['L']} layers, H {shape['H']}, "
           f"I {shape['I']}); per GPU, bf16 autocast, fp32 weights/grads/AdamW, world {args.world}")
     print(pd.DataFrame(gpu_rows(args.world, args.gpu_gib)).round(2).to_string(index=False))
@@ -315,6 +500,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = check_rows(args.micro_batch, args.seq_len)
     print("\ntiny model on CPU (fp32): measured peak of live tensors vs the same estimate")
+    print(pd.DataFrame(rows).round(3).to_string(index=False))
+    ok = all(0.8 <= r["ratio"] <= 1.2 for r in rows)
+    print(f"estimate within 20% of the measurement: {'yes' if ok else 'NO'}")
+    return 0 if ok else 1
+
+
+def apo_main(args, pd) -> int:
+    world = args.world if args.world != 128 else 8  # the value-model default is the published 128-GPU run
+    print(f"A*-PO per GPU: Qwen2.5 base, micro-batch 8 x (256 + 1024) tokens, bf16 autocast, fp32 policy "
+          f"weights/grads/AdamW, world {world}, vLLM engine at 0.4 of a {args.gpu_gib:g} GiB GPU; fits: trainer + "
+          f"vLLM <= {FIT_SHARE:.0%} of the GPU")
+    print(pd.DataFrame(apo_rows(world, args.gpu_gib)).round(2).to_string(index=False))
+    if args.skip_measure:
+        return 0
+    rows = apo_check_rows()
+    print("\ntiny causal LM, one real A*-PO step on CPU (fp32): measured peak of live tensors vs the same estimate")
     print(pd.DataFrame(rows).round(3).to_string(index=False))
     ok = all(0.8 <= r["ratio"] <= 1.2 for r in rows)
     print(f"estimate within 20% of the measurement: {'yes' if ok else 'NO'}")

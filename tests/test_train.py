@@ -190,6 +190,38 @@ def test_lr_schedule():
     assert lr_at(20, cfg, 20, 4) == pytest.approx(0.1)
 
 
+def test_checkpoint_tokenizer_from_local_dir_and_hub_id_offline(tmp_path, tokenizer_dir):
+    """Both trainers save the tokenizer with every checkpoint (`checkpointing.save_tokenizer`),
+    whether --init/--tokenizer is a local directory or a Hub id; the Hub id is resolved from
+    the Hub cache with the network off (a cache laid out as huggingface_hub writes it)."""
+    from value_models.checkpointing import save_tokenizer
+
+    local = tmp_path / "local"
+    local.mkdir()
+    save_tokenizer(tokenizer_dir, str(local))
+    assert (local / "tokenizer.json").exists() and (local / "tokenizer_config.json").exists()
+    cache = tmp_path / "hub"
+    snap = cache / "models--vgs-test--tiny-tokenizer" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for f in os.listdir(tokenizer_dir):
+        if os.path.isfile(os.path.join(tokenizer_dir, f)):
+            os.symlink(os.path.join(tokenizer_dir, f), snap / f)
+    (cache / "models--vgs-test--tiny-tokenizer" / "refs").mkdir()
+    (cache / "models--vgs-test--tiny-tokenizer" / "refs" / "main").write_text("0" * 40)
+    code = ("import sys; from value_models.checkpointing import save_tokenizer; "
+            "save_tokenizer('vgs-test/tiny-tokenizer', sys.argv[1])")
+    hub = tmp_path / "from_hub"
+    hub.mkdir()
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", code, str(hub)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from transformers import AutoTokenizer
+
+    a, b = AutoTokenizer.from_pretrained(str(local)), AutoTokenizer.from_pretrained(str(hub))
+    text = "What is 2 + 2? \\boxed{4}"
+    assert a(text)["input_ids"] == b(text)["input_ids"] and a.chat_template == b.chat_template
+
+
 def test_bad_arguments_exit_2(tmp_path):
     from value_models.train import main
 

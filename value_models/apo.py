@@ -21,23 +21,33 @@ One training step (the published recipe, arXiv 2505.20686; `docs/training.md`):
   positions only, each chunk recomputed in backward (activation checkpointing), so no
   [tokens x vocab] fp32 tensor is ever built or kept;
 - after the batch's optimizer steps, push the new weights into the running vLLM engine
-  (`PolicyEngine.update_weights`: vLLM worker RPC, in-place reload, prefix-cache reset). The
+  in the engine's dtype (bf16 on GPU): one rank per node gathers them one tensor at a time
+  and stages them in `--sync-dir` (default `/dev/shm`, space checked before the first step),
+  every engine of the node reloads them in place (vLLM worker RPC, prefix-cache reset). The
   engine samples only at the start of a batch, so this is the same as syncing after every
   optimizer step, without the syncs nobody would sample from.
 
+Memory (docs/training.md, `python -m benchmarks.train_memory --apo`): gradient checkpointing is
+on by default on GPU; pi_ref is held in bf16 on GPU (`--ref-dtype`), and its log-probs are
+computed once per batch, before the updates; FSDP (`--fsdp`) is the setting for 1.5B+ on 80 GB.
+
+Prompts (`--prompt-format`): the stage-1 data's prompt ids as recorded by `vgs apo-vstar`
+(raw problem text + the paper's instruction for base models, the chat template for chat
+models), or re-rendered here from the problem text in the format asked for.
+
 Checkpoints: `OUT/checkpoints/step_NNNNNNNN/` is a plain `Qwen2ForCausalLM` directory (weights,
-config, tokenizer; `vgs eval --policy` / `vgs serve --policy` load it) plus `trainer_state.pt`
-(optimizer, step, sampler position). Written by rank 0 into a temporary directory and renamed;
-`--resume` continues with identical losses on CPU (sampling seeds derive from (seed, step,
-problem id), and the engine restarts from the checkpoint's weights).
+config, tokenizer, whether --init is a directory or a Hub id; `vgs eval --policy` / `vgs serve
+--policy` load it) plus `trainer_state.pt` (step, sampler position; without FSDP the
+optimizer). Under FSDP the optimizer state is per-rank shards (`dcp/`): each rank writes and
+reads back only its own. Written into a temporary directory and renamed; `--resume` continues
+with identical losses on CPU (sampling seeds derive from (seed, step, problem id), and the
+engine restarts from the checkpoint's weights).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -45,16 +55,20 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from value_models.checks import need
+from value_models.checkpointing import (CKPT_DIR, DCP_DIR, STATE_FILE, load_sharded, mark_final, open_run,
+                                        publish_checkpoint, remove_partial, save_sharded, save_tokenizer, staging_dir)
+from value_models.distributed import (all_sum, autocast, barrier, ddp, fully_shard_layers, pin_local_device,
+                                      setup_distributed, sync_context, teardown, use_bf16)
 from vgs.errors import VGSError
 
-CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.pt"
+PROMPT_FORMATS = ("raw", "chat")
 LOG_FIELDS = ["step", "epoch", "lr", "loss", "reward", "v_star", "advantage", "kl", "kl_token", "entropy",
-              "resp_len", "finished", "grad_norm", "gen_s", "train_s", "sync_s", "step_s"]
+              "resp_len", "finished", "grad_norm", "sync_lp_err", "gen_s", "train_s", "sync_s", "step_s"]
 
 
 @dataclass
@@ -82,9 +96,13 @@ class ApoConfig:
     top_p: float = 1.0
     filter_incorrect: bool = False
     logprob_chunk: int = 512
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: on for GPU runs, off on CPU
     dtype: str = "auto"
+    ref_dtype: str = "auto"  # auto: bf16 when the forward runs in bf16 (GPU), else fp32
     fsdp: bool = False
+    prompt_format: str | None = None  # None: the stage-1 data's prompts as recorded
+    sync_dir: str | None = None  # weight staging (default /dev/shm)
+    check_sync: bool = False
     seed: int = 0
     kv_cache_gib: float | None = None
     gpu_memory_utilization: float = 0.4
@@ -97,10 +115,6 @@ class ApoConfig:
     progress: bool = True
 
     def validate(self) -> "ApoConfig":
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise VGSError(msg)
-
         need(bool(self.data), "--data is required (a `vgs apo-vstar` output directory)")
         need(bool(self.init), "--init is required (the policy to train; also pi_ref unless --ref)")
         need(bool(self.out), "--out is required")
@@ -121,6 +135,9 @@ class ApoConfig:
         need(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         need(self.logprob_chunk >= 1, "--logprob-chunk must be >= 1")
         need(self.dtype in ("auto", "bf16", "fp32"), f"--dtype must be auto, bf16 or fp32, got {self.dtype}")
+        need(self.ref_dtype in ("auto", "bf16", "fp32"), f"--ref-dtype must be auto, bf16 or fp32, got {self.ref_dtype}")
+        need(self.prompt_format in (None,) + PROMPT_FORMATS,
+             f"--prompt-format must be raw or chat, got {self.prompt_format!r}")
         need(self.kv_cache_gib is None or self.kv_cache_gib > 0, "--kv-cache-gib must be > 0")
         need(0 < self.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]")
         need(self.keep_last >= 1, "--keep-last must be >= 1")
@@ -249,40 +266,47 @@ class Problems:
     v_star: np.ndarray
     pass_rate: np.ndarray
     dropped: int = 0
+    problems: list[str | None] = dataclasses.field(default_factory=list)  # text, to re-render prompts
+    prompt_format: str | None = None  # as stage 1 recorded it (None: older data, chat)
 
 
 def load_vstar(paths: list[str], filter_incorrect: bool = False) -> Problems:
     """Stage-1 rows (`vgs apo-vstar` directories or Parquet files), in a stable order."""
     import pyarrow.parquet as pq
 
-    files: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            files += sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise VGSError(f"--data {p!r} does not exist")
-    if not files:
-        raise VGSError(f"no Parquet files in {', '.join(paths)} (run `vgs apo-vstar` first)")
+    from value_models.convert import source_files
+
+    missing_paths = [p for p in paths if not os.path.exists(p)]
+    if missing_paths:
+        raise VGSError(f"--data {missing_paths[0]!r} does not exist")
+    files = source_files(paths)
     cols = ["problem_id", "prompt_ids", "answer", "v_star", "pass_rate"]
     out = Problems([], [], [], np.zeros(0), np.zeros(0))
-    vs, pr = [], []
+    vs, pr, formats = [], [], set()
     for f in files:
         t = pq.read_table(f)
         missing = [c for c in cols if c not in t.column_names]
         if missing:
             raise VGSError(f"{f} lacks column(s) {', '.join(missing)}; is it `vgs apo-vstar` output?")
-        d = t.select(cols).to_pydict()
-        for pid, ids, ans, v, p in zip(d["problem_id"], d["prompt_ids"], d["answer"], d["v_star"], d["pass_rate"]):
+        d = t.select(cols + [c for c in ("problem", "prompt_format") if c in t.column_names]).to_pydict()
+        n = len(d["problem_id"])
+        texts, fmts = d.get("problem", [None] * n), d.get("prompt_format", [None] * n)
+        for pid, ids, ans, v, p, text, fmt in zip(d["problem_id"], d["prompt_ids"], d["answer"], d["v_star"],
+                                                  d["pass_rate"], texts, fmts):
             if filter_incorrect and p == 0:
                 out.dropped += 1
                 continue
             out.ids.append(str(pid))
             out.prompt_ids.append(list(ids))
             out.answers.append(str(ans))
+            out.problems.append(text)
+            formats.add(fmt)
             vs.append(float(v))
             pr.append(float(p))
+    if len(formats) > 1:
+        raise VGSError(f"--data mixes prompt formats ({', '.join(sorted(str(f) for f in formats))}); "
+                       "pass --prompt-format to render them all one way")
+    out.prompt_format = next(iter(formats), None)
     if len(set(out.ids)) != len(out.ids):
         raise VGSError("duplicate problem ids in --data (the same stage-1 output listed twice?)")
     out.v_star, out.pass_rate = np.asarray(vs), np.asarray(pr)
@@ -293,44 +317,7 @@ def load_vstar(paths: list[str], filter_incorrect: bool = False) -> Problems:
 # distributed setup, models
 
 
-def pin_local_device() -> None:
-    """Under torchrun on GPUs, give each rank one visible GPU before CUDA starts, so the
-    trainer and the vLLM engine it spawns use the same device (cuda:0 of that rank)."""
-    local = os.environ.get("LOCAL_RANK")
-    if local is None or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1:
-        return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else None
-    if devices is not None and len(devices) == 1:
-        return
-    os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(local)] if devices else str(local)
-
-
-def setup_distributed(fsdp: bool):
-    import torch
-    import torch.distributed as dist
-
-    from value_models.train import Dist, _free_port
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda:0") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 or fsdp:
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                device_id=device if cuda else None)
-    if not cuda and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
-    return Dist(rank, world, local, device)
-
-
-def load_causal_lm(source: str, what: str):
+def load_causal_lm(source: str, what: str, dtype: Any = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -345,45 +332,55 @@ def load_causal_lm(source: str, what: str):
         raise VGSError(f"{what} must be a Qwen2 causal LM, {source!r} is {getattr(cfg, 'model_type', None)!r}")
     hf_logging.disable_progress_bar()
     cfg.use_cache = False
-    return AutoModelForCausalLM.from_pretrained(source, config=cfg, dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(source, config=cfg, dtype=dtype or torch.float32,
+                                                attn_implementation="sdpa")
 
 
 def _wrap(module, cfg: ApoConfig, d, trainable: bool):
-    import torch
-
     module.to(d.device)
     if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device.type == "cuda")
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for layer in module.policy.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
-        return module
-    if trainable and d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return module
+        return fully_shard_layers(module, module.policy.model.layers, cfg.dtype, d)
+    return ddp(module, d) if trainable and d.enabled else module
 
 
-def _autocast(cfg: ApoConfig, d):
+def use_grad_checkpointing(cfg: ApoConfig, d) -> bool:
+    """Explicit setting, else on for GPU runs (the published shapes do not fit an 80 GB card
+    without it, `benchmarks.train_memory --apo`) and off on CPU (recomputation only costs time)."""
+    return cfg.grad_checkpointing if cfg.grad_checkpointing is not None else d.device.type == "cuda"
+
+
+def ref_torch_dtype(cfg: ApoConfig, d):
+    """pi_ref is frozen and only ever run forward: bf16 when the forward runs in bf16 anyway
+    (GPU), which halves its memory against a second fp32 copy; fp32 on CPU."""
     import torch
 
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device.type == "cuda"):
-        return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    bf16 = cfg.ref_dtype == "bf16" or (cfg.ref_dtype == "auto" and use_bf16(cfg.dtype, d))
+    return torch.bfloat16 if bf16 else torch.float32
 
 
-def full_weights(model, policy, cfg: ApoConfig, cpu_offload: bool) -> dict:
-    """The policy's full state dict in transformers names (gathered on every rank under FSDP,
-    on rank 0 only with `cpu_offload`)."""
+def iter_full_weights(model, policy, cfg: ApoConfig) -> Iterator[tuple[str, Any]]:
+    """The policy's full weights in transformers names, one tensor at a time. Under FSDP every
+    rank gathers each tensor in turn (a collective: all ranks iterate), so at most one full
+    tensor is materialised per rank, never the whole fp32 state dict."""
     if not cfg.fsdp:
-        return policy.state_dict()
+        yield from policy.state_dict().items()
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, t in model.state_dict().items():
+        if not name.startswith("policy."):
+            continue
+        yield name[len("policy."):], (t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+def consolidated_weights(model, policy, cfg: ApoConfig) -> dict | None:
+    """The full state dict on rank 0 (host memory) for `save_pretrained`; None without FSDP
+    (save_pretrained reads the module itself)."""
+    if not cfg.fsdp:
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k[len("policy."):]: v for k, v in sd.items() if k.startswith("policy.")}
 
 
@@ -392,33 +389,37 @@ def full_weights(model, policy, cfg: ApoConfig, cpu_offload: bool) -> dict:
 
 
 def save_checkpoint(cfg: ApoConfig, d, model, policy, optimizer, step: int, sampler_state: dict) -> str:
-    """Collective: every rank calls it; rank 0 alone writes, into `.step_N.tmp`, then renames."""
+    """Collective: every rank calls it. Rank 0 writes the consolidated model (an inference
+    checkpoint) and the tokenizer into `.step_N.tmp`, then renames it. The optimizer state:
+    without FSDP rank 0 writes it whole; under FSDP every rank writes its own shard (`dcp/`)."""
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from value_models.train import barrier, copy_tokenizer_files, publish_checkpoint
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = full_weights(model, policy, cfg, cpu_offload=True) if cfg.fsdp else None
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
-    root = os.path.join(cfg.out, CKPT_DIR)
-    name = f"step_{step:08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    name, tmp = staging_dir(cfg.out, step)
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(d)
+    sd = consolidated_weights(model, policy, cfg)
+    optim_sd = None
+    if cfg.fsdp:
+        save_sharded({"optim": get_optimizer_state_dict(model, optimizer)}, os.path.join(tmp, DCP_DIR))
+    else:
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                       cpu_offload=True))
     if d.main:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
         policy.config.use_cache = True  # a checkpoint is an inference model
         policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         policy.config.use_cache = False
-        copy_tokenizer_files(cfg.tokenizer or cfg.init, tmp)
-        torch.save({"step": step, "optimizer": optim_sd, "sampler": sampler_state, "world_size": d.world,
-                    "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
+        save_tokenizer(cfg.tokenizer or cfg.init, tmp)
+        torch.save({"step": step, "optimizer": optim_sd, "sharded": cfg.fsdp, "sampler": sampler_state,
+                    "world_size": d.world, "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
         publish_checkpoint(cfg.out, tmp, name, cfg.keep_last)
     barrier(d)
-    return final
+    return os.path.join(cfg.out, CKPT_DIR, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,32 +433,85 @@ def train(cfg: ApoConfig) -> str:
     try:
         return _train(cfg, d)
     finally:
-        import torch.distributed as dist
+        teardown()
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+class WeightSync:
+    """Pushes the trained weights into this rank's engine after each step. All ranks hold the
+    same weights after a step, so one rank per node (local rank 0) stages them, in the
+    engine's dtype and one tensor at a time (`vgs.weight_sync.write_weights`), into one
+    directory under `--sync-dir`, and every engine of the node reloads from it: a node needs
+    the policy's size in bf16 once (3.1 GB for 1.5B), not fp32 once per rank."""
+
+    def __init__(self, cfg: ApoConfig, d, engine, token: str):
+        from vgs.weight_sync import check_staging_space, staging_root
+
+        self.cfg, self.d, self.engine = cfg, d, engine
+        self.path = os.path.join(staging_root(cfg.sync_dir), f"vgs-apo-sync-{token}")
+        self.writer = d.local_rank == 0
+        check_staging_space(os.path.dirname(self.path), engine.sync_bytes())  # every rank: all raise together
+
+    def __call__(self, model, policy) -> None:
+        from vgs.weight_sync import write_weights
+
+        weights = iter_full_weights(model, policy, self.cfg)
+        if self.writer:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.makedirs(self.path)
+            write_weights(weights, self.path, dtype=self.engine.weight_dtype, skip=self.engine.tied_weight_names)
+        elif self.cfg.fsdp:
+            for _ in weights:  # the gathers are collectives: every rank takes part
+                pass
+        barrier(self.d)
+        self.engine.reload_staged(self.path)
+        barrier(self.d)
+        if self.writer:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        if self.writer:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def expected_sync_bytes(cfg: ApoConfig, policy, d) -> int:
+    """What one weight sync stages, known before the engine starts: every parameter once in
+    the engine's dtype (vgs runs CPU engines in fp32; on GPU "auto" is the checkpoint's
+    16-bit dtype)."""
+    names = {"bfloat16": 2, "bf16": 2, "float16": 2, "half": 2, "fp16": 2, "float32": 4, "float": 4, "fp32": 4}
+    size = names.get(cfg.engine_dtype, 4 if d.device.type == "cpu" else 2)
+    return size * sum(p.numel() for p in policy.parameters())
 
 
 def _train(cfg: ApoConfig, d) -> str:
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    from value_models.apo_vstar import format_prompt_ids, grade_responses
     from value_models.collect import item_seed
-    from value_models.apo_vstar import grade_responses
     from value_models.data import StepSampler
-    from value_models.train import (CsvLog, all_sum, barrier, latest_checkpoint, mark_final, param_groups)
+    from value_models.distributed import all_gather_objects
+    from value_models.logs import CsvLog
+    from value_models.train import param_groups
     from vgs.config import EngineConfig, SamplingConfig
-    from vgs.engine import GenRequest, PolicyEngine
+    from vgs.engine import GenRequest, PolicyEngine, model_max_len
     from vgs.grading import get_grader
     from vgs.prompts import load_tokenizer
+    from vgs.weight_sync import check_staging_space, staging_root
 
     if cfg.mini_batch_size % d.world:
         raise VGSError(f"--mini-batch-size ({cfg.mini_batch_size}) must be a multiple of the world size ({d.world})")
     probs = load_vstar(cfg.data, cfg.filter_incorrect)
     if not probs.ids:
         raise VGSError("no problems left in --data")
-    from vgs.engine import model_max_len
-
+    tok_src = cfg.tokenizer or cfg.init
+    tok = load_tokenizer(tok_src)
+    data_format = probs.prompt_format or "chat"
+    if cfg.prompt_format and cfg.prompt_format != data_format:
+        if any(t is None for t in probs.problems):
+            raise VGSError(f"--prompt-format {cfg.prompt_format} re-renders the prompts from the problem text, which "
+                           "--data lacks (re-run `vgs apo-vstar --prompt-format ...` instead)")
+        probs.prompt_ids = [format_prompt_ids(tok, t, cfg.prompt_format) for t in probs.problems]
+    fmt = cfg.prompt_format or data_format
     context = cfg.max_model_len or model_max_len(cfg.init)
     longest = max(len(p) for p in probs.prompt_ids)
     if longest + cfg.max_tokens > context:  # checked before any engine starts
@@ -466,36 +520,33 @@ def _train(cfg: ApoConfig, d) -> str:
     sampler = StepSampler(np.arange(len(probs.ids)), cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * sampler.steps_per_epoch))
     stop = min(total, cfg.stop_at_step) if cfg.stop_at_step else total
-    os.makedirs(os.path.join(cfg.out, CKPT_DIR), exist_ok=True)
-    ckpt = latest_checkpoint(cfg.out)
-    if ckpt and not cfg.resume:
-        raise VGSError(f"{cfg.out} already holds checkpoints (latest {os.path.basename(ckpt)}); "
-                       "pass --resume to continue it, or choose a new --out")
+    ckpt = open_run(cfg.out, cfg.resume)
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False) if ckpt else None
     if d.main:
-        for stale in os.listdir(os.path.join(cfg.out, CKPT_DIR)):
-            if stale.endswith(".tmp"):
-                shutil.rmtree(os.path.join(cfg.out, CKPT_DIR, stale), ignore_errors=True)
+        remove_partial(cfg.out)
         with open(os.path.join(cfg.out, "apo_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     barrier(d)
-    tok_src = cfg.tokenizer or cfg.init
-    tok = load_tokenizer(tok_src)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     LogProbPolicy = _module()
     policy = load_causal_lm(ckpt or cfg.init, "--init")
-    if cfg.grad_checkpointing:
+    # the staging space, before anything expensive (the engine re-checks with its own numbers)
+    check_staging_space(staging_root(cfg.sync_dir), expected_sync_bytes(cfg, policy, d))
+    if use_grad_checkpointing(cfg, d):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     model = _wrap(LogProbPolicy(policy, cfg.logprob_chunk), cfg, d, trainable=True)
-    ref = load_causal_lm(cfg.ref or cfg.init, "--ref").eval().requires_grad_(False)
+    ref = load_causal_lm(cfg.ref or cfg.init, "--ref", dtype=ref_torch_dtype(cfg, d)).eval().requires_grad_(False)
     ref_model = _wrap(LogProbPolicy(ref, cfg.logprob_chunk), cfg, d, trainable=False)
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.eps)
     step = 0
     if state is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if state.get("sharded"):  # FSDP: each rank reads its own shard of the optimizer state
+            load_sharded(model, optimizer, os.path.join(ckpt, DCP_DIR), model_too=False)
+        else:
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
         if d.main:
@@ -505,26 +556,29 @@ def _train(cfg: ApoConfig, d) -> str:
                                        max_model_len=cfg.max_model_len, kv_cache_gib=cfg.kv_cache_gib,
                                        gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed),
                           logits_processors=[])
-    grader = get_grader()
-    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
-    log = CsvLog(os.path.join(cfg.out, "apo_log.csv"), LOG_FIELDS, step) if d.main else None
-    n_mini = cfg.batch_size // cfg.mini_batch_size
-    per_mini = cfg.mini_batch_size // d.world  # this rank's sequences per mini-batch
-    if d.main:
-        print(f"[apo] {len(probs.ids)} problems ({probs.dropped} dropped: pass rate 0), mean V* "
-              f"{probs.v_star.mean():.4f}; {total} steps x {cfg.batch_size} prompts ({n_mini} optimizer steps each), "
-              f"world {d.world}, device {d.device}", flush=True)
-    from tqdm import tqdm
-
-    bar = tqdm(total=stop, initial=step, desc="apo", unit="step", disable=not (d.main and cfg.progress),
-               dynamic_ncols=True)
-    last = ckpt
+    sync = log = bar = None
     try:
+        sync = WeightSync(cfg, d, engine, all_gather_objects(d, os.urandom(6).hex())[0])
+        grader = get_grader()
+        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                  seed=cfg.seed)
+        log = CsvLog(os.path.join(cfg.out, "apo_log.csv"), LOG_FIELDS, step) if d.main else None
+        n_mini = cfg.batch_size // cfg.mini_batch_size
+        per_mini = cfg.mini_batch_size // d.world  # this rank's sequences per mini-batch
+        if d.main:
+            print(f"[apo] {len(probs.ids)} problems ({probs.dropped} dropped: pass rate 0), mean V* "
+                  f"{probs.v_star.mean():.4f}, prompts {fmt}; {total} steps x {cfg.batch_size} prompts ({n_mini} "
+                  f"optimizer steps each), world {d.world}, device {d.device}", flush=True)
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop, initial=step, desc="apo", unit="step", disable=not (d.main and cfg.progress),
+                   dynamic_ncols=True)
+        last = ckpt
         while step < stop:
             t0 = time.time()
             idx = sampler.next_indices()
-            reqs = [GenRequest(probs.prompt_ids[i], cfg.max_tokens, n=1, seed=item_seed(cfg.seed, "apo", step, probs.ids[i]))
-                    for i in idx]
+            reqs = [GenRequest(probs.prompt_ids[i], cfg.max_tokens, n=1, seed=item_seed(cfg.seed, "apo", step, probs.ids[i]),
+                               logprobs=0 if cfg.check_sync else None) for i in idx]
             samples = [o[0] for o in engine.generate(reqs, sampling)]
             rewards, _ = grade_responses(tok, [probs.answers[i] for i in idx], samples, grader)
             t_gen = time.time()
@@ -533,9 +587,10 @@ def _train(cfg: ApoConfig, d) -> str:
             r = torch.tensor(rewards, dtype=torch.float32)
             vs = torch.tensor(probs.v_star[idx], dtype=torch.float32)
             lens = [len(x) for x in responses]
-            # pi_ref log-probs of the whole batch, before any update
+            sync_err = sync_lp_error(model, cfg, d, prompts, samples, pad_id) if cfg.check_sync else float("nan")
+            # pi_ref log-probs of the whole batch, once, before any update
             ref_lp = torch.zeros(len(idx))
-            with torch.no_grad(), _autocast(cfg, d):
+            with torch.no_grad(), autocast(cfg.dtype, d):
                 for s in range(0, len(idx), cfg.micro_batch_size):
                     b = collate(prompts[s: s + cfg.micro_batch_size], responses[s: s + cfg.micro_batch_size], pad_id).to(d.device)
                     lp, _ = ref_model(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)
@@ -551,7 +606,7 @@ def _train(cfg: ApoConfig, d) -> str:
                 for k, mb in enumerate(micro):
                     b = collate([prompts[i] for i in mb], [responses[i] for i in mb], pad_id).to(d.device)
                     sel = torch.tensor(mb)
-                    with _sync_context(model, cfg, sync=k == len(micro) - 1), _autocast(cfg, d):
+                    with sync_context(model, cfg.fsdp, sync=k == len(micro) - 1), autocast(cfg.dtype, d):
                         tok_lp, tok_ent = model(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)
                         lp = sequence_sums(tok_lp.float(), b)
                         per_seq = apo_sequence_loss(lp, ref_lp[sel].to(d.device), r[sel].to(d.device),
@@ -570,16 +625,17 @@ def _train(cfg: ApoConfig, d) -> str:
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             t_train = time.time()
-            engine.update_weights(full_weights(model, policy, cfg, cpu_offload=False).items())
+            sync(model, policy)
             t_sync = time.time()
             ratio = (pol_lp - ref_lp)
             sums = all_sum(d, [float(len(idx)), loss_sum, float(r.sum()), float(vs.sum()), float((r - vs).sum()),
                                float(ratio.sum()), float(sum(lens)), ent_sum, float(sum(s.stopped for s in samples))])
             n, loss_s, r_s, v_s, a_s, kl_s, tok_s, ent_s, fin_s = sums
+            err = max(all_gather_objects(d, sync_err)) if cfg.check_sync else float("nan")
             row = {"step": step, "epoch": round(sampler.epoch + sampler.position / max(1, len(probs.ids)), 4), "lr": lr,
                    "loss": loss_s / n, "reward": r_s / n, "v_star": v_s / n, "advantage": a_s / n, "kl": kl_s / n,
                    "kl_token": kl_s / max(tok_s, 1.0), "entropy": ent_s / max(tok_s, 1.0), "resp_len": tok_s / n,
-                   "finished": fin_s / n, "grad_norm": grad_norm, "gen_s": round(t_gen - t0, 3),
+                   "finished": fin_s / n, "grad_norm": grad_norm, "sync_lp_err": err, "gen_s": round(t_gen - t0, 3),
                    "train_s": round(t_train - t_gen, 3), "sync_s": round(t_sync - t_train, 3),
                    "step_s": round(t_sync - t0, 3)}
             if d.main:
@@ -593,20 +649,31 @@ def _train(cfg: ApoConfig, d) -> str:
             mark_final(cfg.out, last)
         barrier(d)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if log is not None:
             log.close()
+        if sync is not None:
+            sync.close()
         engine.close()
     return last or ""
 
 
-def _sync_context(model, cfg: ApoConfig, sync: bool):
-    if cfg.fsdp:
-        model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    if not sync and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+def sync_lp_error(model, cfg: ApoConfig, d, prompts, samples, pad_id: int) -> float:
+    """Largest |engine - trainer| per-token log-prob over the first micro-batch of this step's
+    samples: the engine's (vLLM's sampled-token log-probs) come from the weights last synced,
+    the trainer's from the policy before this step's update, which are the same weights.
+    `--check-sync` logs it every step (`sync_lp_err`)."""
+    import torch
+
+    k = min(cfg.micro_batch_size, len(samples))
+    b = collate(prompts[:k], [list(s.token_ids) for s in samples[:k]], pad_id).to(d.device)
+    with torch.no_grad(), autocast(cfg.dtype, d):
+        lp, _ = model(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets)
+    engine_lp = [float(pos[t]) for s in samples[:k] for pos, t in zip(s.logprobs or [], s.token_ids)]
+    if len(engine_lp) != lp.numel():
+        return float("inf")
+    return float((lp.float().cpu() - torch.tensor(engine_lp)).abs().max()) if engine_lp else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,7 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="policy to train (a Qwen2 causal LM); pi_ref too unless --ref")
     p.add_argument("--out", required=True, help="run dir: checkpoints/, apo_log.csv, final")
     p.add_argument("--ref", default=None, help="frozen pi_ref (default: --init)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --init)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir or Hub id (default: --init)")
+    p.add_argument("--prompt-format", default=None, choices=PROMPT_FORMATS,
+                   help="raw: problem text + the paper's instruction (base models, as published); chat: the "
+                        "tokenizer's chat template; default: as `vgs apo-vstar` rendered the --data prompts")
     g = p.add_argument_group("objective (published defaults)")
     g.add_argument("--beta2", type=float, default=1e-3, help="KL coefficient of the regression")
     g.add_argument("--entropy-coeff", type=float, default=1e-3, help="token-mean entropy bonus")
@@ -640,9 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
     o.add_argument("--epochs", type=float, default=None, help="passes over the problems (default 1; published 25)")
     o.add_argument("--logprob-chunk", type=int, default=512, help="tokens per chunk of the log-softmax")
-    o.add_argument("--grad-checkpointing", action="store_true")
+    o.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True, default=None,
+                   help="recompute activations in backward (default: on for GPU runs, off on CPU)")
+    o.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const=False)
     o.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="autocast: bf16 on GPU, fp32 on CPU")
-    o.add_argument("--fsdp", action="store_true", help="shard policy, pi_ref, grads and optimizer (FSDP2)")
+    o.add_argument("--ref-dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="pi_ref's weights (forward only): auto = bf16 when --dtype is bf16 (GPU), else fp32")
+    o.add_argument("--fsdp", action="store_true",
+                   help="shard policy, pi_ref, grads and optimizer (FSDP2); recommended for 1.5B+ on 80 GB GPUs")
     o.add_argument("--seed", type=int, default=0, help="problem order and sampling seeds")
     s = p.add_argument_group("sampling (vLLM, one engine per rank)")
     s.add_argument("--max-tokens", type=int, default=1024, help="response length cap")
@@ -651,7 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache per engine (CPU default 2)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--engine-dtype", default="auto")
+    s.add_argument("--engine-dtype", default="auto", help="vLLM dtype (weights are synced in it)")
+    s.add_argument("--sync-dir", default=None,
+                   help="where each node stages the weights for the engines (default /dev/shm; space checked first)")
+    s.add_argument("--check-sync", action="store_true",
+                   help="log sync_lp_err: engine vs trainer log-probs of this step's samples after each sync")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
     c.add_argument("--keep-last", type=int, default=2)

@@ -18,6 +18,16 @@ Cheap stand-in (`--value-model VM`): no sampling; p = the value model's P(correc
 of the prompt, and V* = beta1 * ln(1 - p + p e^{1/beta1}), the closed form the Q# guidance
 offsets use (`vgs.guidance.offsets`), evaluated there in the softplus form.
 
+Prompt format (`--prompt-format`): `raw` is what the paper feeds its base models, the problem
+text followed by the instruction of its MATH preprocessing (`PAPER_INSTRUCTION`), no chat
+template, tokenized as the tokenizer does by default; a sample ends on the tokenizer's EOS
+(`<|endoftext|>` for Qwen2.5 base). `chat` is the tokenizer's chat template around
+`vgs.prompts.DEFAULT_USER_TEMPLATE` (R1-style models). The default (`auto`) is `raw` when the
+tokenizer has no chat template or is a base model's: one whose template does not end an
+assistant turn with the EOS token (Qwen2.5 base ships ChatML, whose `<|im_end|>` is not its
+EOS, so chat-format samples would never stop). The format is recorded per row
+(`prompt_format`) and in the manifest; stage 2 uses the prompts as recorded.
+
 Output, one row per problem: `OUT/data/part-NNNNN.parquet` + `OUT/manifest.json`. Problem
 loading, chunks, the manifest (resume after a crash, refusal of changed settings), shards
 (`--num-shards/--shard-index`) and seeds are those of `vgs collect` (`value_models.collect`).
@@ -42,6 +52,36 @@ from vgs.engine import GenRequest, GenSample
 from vgs.errors import VGSError
 
 FORMAT = "vgs-apo-vstar/1"
+PROMPT_FORMATS = ("auto", "raw", "chat")
+PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def default_prompt_format(tokenizer: Any) -> str:
+    """`raw` for a tokenizer without a chat template or with a base model's template (one that
+    does not close an assistant turn with the EOS token), else `chat`."""
+    if not getattr(tokenizer, "chat_template", None) or not tokenizer.eos_token:
+        return "raw"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a turn is not a chat model's
+        return "raw"
+    return "chat" if tokenizer.eos_token in text[text.rfind("2") + 1:] else "raw"
+
+
+def resolve_prompt_format(tokenizer: Any, fmt: str) -> str:
+    if fmt not in PROMPT_FORMATS:
+        raise VGSError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
+    return default_prompt_format(tokenizer) if fmt == "auto" else fmt
+
+
+def format_prompt_ids(tokenizer: Any, problem: str, fmt: str) -> list[int]:
+    """Prompt token ids of one problem in `fmt` (raw or chat)."""
+    from vgs.prompts import prompt_ids
+
+    if fmt == "raw":
+        return list(tokenizer(f"{problem} {PAPER_INSTRUCTION}")["input_ids"])
+    return prompt_ids(tokenizer, problem)
 
 
 def v_star(rewards: Sequence[float], beta1: float) -> float:
@@ -101,6 +141,7 @@ class VStarConfig(CollectConfig):
     max_tokens: int = 1024
     beta1: float = 0.5
     value_model: str | None = None
+    prompt_format: str = "auto"
 
     def validate(self) -> "VStarConfig":
         if self.ref is None and not self.roll_in:
@@ -108,6 +149,8 @@ class VStarConfig(CollectConfig):
         super().validate()
         if self.beta1 < 0 or not math.isfinite(self.beta1):
             raise VGSError(f"--beta1 must be a finite number >= 0, got {self.beta1}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise VGSError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         return self
 
     def fingerprint(self) -> dict[str, Any]:
@@ -115,7 +158,7 @@ class VStarConfig(CollectConfig):
         for k in ("roll_in", "roll_outs", "switch", "drop_no_variation", "guide_value_model", "guide_method",
                   "guide_eta", "guide_top_k"):
             d.pop(k, None)
-        d.update(format=FORMAT, beta1=self.beta1, value_model=self.value_model)
+        d.update(format=FORMAT, beta1=self.beta1, value_model=self.value_model, prompt_format=self.prompt_format)
         return d
 
 
@@ -128,15 +171,23 @@ def _schema():
         ("finish", pa.list_(pa.string())), ("preds", pa.list_(pa.string())),
         ("response_ids", pa.list_(pa.list_(pa.int32()))), ("response_lens", pa.list_(pa.int32())),
         ("pass_rate", pa.float64()), ("value_prob", pa.float64()), ("v_star", pa.float64()),
-        ("beta1", pa.float64()), ("seed", pa.int64()), ("source", pa.string()),
+        ("beta1", pa.float64()), ("seed", pa.int64()), ("source", pa.string()), ("prompt_format", pa.string()),
     ])
 
 
 def estimate(cfg: VStarConfig, engine_factory: EngineFactory | None = None, scorer: Any = None) -> dict:
     """Run (or resume) stage 1; returns the manifest. `scorer` (a `vgs.value.ValueScorer`)
     overrides the one built for `--value-model`."""
+    import dataclasses
+
+    from vgs.prompts import load_tokenizer
+
     cfg.validate()
+    if cfg.prompt_format == "auto":  # resolved before the manifest records the settings
+        cfg = dataclasses.replace(cfg, prompt_format=default_prompt_format(load_tokenizer(cfg.ref_model)))
     manifest, tok, prompts, chunks, todo = plan_chunks(cfg, FORMAT)
+    if cfg.prompt_format == "raw":
+        prompts = {p.id: format_prompt_ids(tok, p.problem, "raw") for k in todo for p in chunks[k]}
     if not todo:
         _report(cfg, manifest, "nothing to do")
         return manifest.data
@@ -159,6 +210,7 @@ def estimate(cfg: VStarConfig, engine_factory: EngineFactory | None = None, scor
                                                                          sampling)
             for r in rows:
                 r["ref"] = ref_name
+                r["prompt_format"] = cfg.prompt_format
             fname = f"{DATA_DIR}/part-{k:05d}.parquet"
             os.makedirs(os.path.join(cfg.out, DATA_DIR), exist_ok=True)
             write_parquet(rows, os.path.join(cfg.out, fname), _schema())
@@ -238,6 +290,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta1", type=float, default=0.5, help="KL coefficient of V* (0: plain mean reward)")
     p.add_argument("--value-model", default=None,
                    help="stand-in: V* from this value model's P(correct) at the prompt instead of sampling")
+    p.add_argument("--prompt-format", default="auto", choices=PROMPT_FORMATS,
+                   help="raw: problem text + the paper's instruction, no chat template (base models, as published); "
+                        "chat: the tokenizer's chat template; auto: raw for a tokenizer without a chat template or "
+                        "whose template does not end an assistant turn with its EOS (a base model), else chat")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)

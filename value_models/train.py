@@ -26,8 +26,6 @@ on GPU).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -42,20 +40,20 @@ from typing import Any
 import numpy as np
 
 from vgs.errors import VGSError
+from value_models.checks import need
+from value_models.checkpointing import (CKPT_DIR, DCP_DIR, STATE_FILE, final_model, load_sharded, mark_final,
+                                        open_run, publish_checkpoint, remove_partial, save_sharded, save_tokenizer,
+                                        staging_dir)
 from value_models.data import DROP_FILTERS
+from value_models.distributed import (Dist, all_gather_objects, all_sum, autocast, barrier, ddp, fully_shard_layers,
+                                      setup_distributed, sync_context, teardown)
+from value_models.logs import CsvLog, Trackers
 
-CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.pt"
-LATEST_FILE = "LATEST"
-FINAL_LINK = "final"
 DATA_CACHE = ".data_cache"
 TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "grad_norm", "seqs", "loss_tokens", "tokens", "pad_frac", "step_s", "tok_per_s"]
 VAL_FIELDS = ["step", "val_loss", "val_seqs", "acc", "auc", "ece", "brier", "prefix_auc", "prefix_ece", "pos_frac"]
 VARLEN_ATTN = ("flash_attention_2", "flash_attention_3")
-DCP_DIR = "dcp"
 HEAD_INITS = ("config", "fan_in")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "generation_config.json")
 
 
 @dataclass
@@ -104,10 +102,6 @@ class TrainConfig:
     run_name: str | None = None
 
     def validate(self) -> "TrainConfig":
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise VGSError(msg)
-
         need(bool(self.data), "--data is required")
         need(bool(self.init), "--init is required (a causal-LM or value-model checkpoint)")
         need(bool(self.out), "--out is required")
@@ -134,89 +128,6 @@ class TrainConfig:
              f"package): with {self.attn_impl} the packed row would need a dense [tokens x tokens] mask "
              "(17 GB for 8 x 16k tokens); train without --pack (length-sorted padding)")
         return self
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed setup
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: Any = "cpu"
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized()
-
-
-def setup_distributed(fsdp: bool) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU. FSDP needs a process
-    group even with one process, so a single `python -m` run creates a 1-process group."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 or fsdp:
-        if "MASTER_ADDR" not in os.environ:  # single process with --fsdp
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                device_id=device if cuda else None)
-    if not cuda and world > 1:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return Dist(rank, world, local, device)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def barrier(d: Dist) -> None:
-    import torch.distributed as dist
-
-    if d.enabled:
-        dist.barrier()
-
-
-def all_sum(d: Dist, values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    if not d.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_gather_objects(d: Dist, obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not d.enabled:
-        return [obj]
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,94 +275,7 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> dic
 
 
 # ----------------------------------------------------------------------------------------------
-# logging
-
-
-class CsvLog:
-    """Append-only CSV; on resume, rows after the resumed step are dropped first, so the file
-    reads as one uninterrupted run."""
-
-    def __init__(self, path: str, fields: list[str], keep_through_step: int | None):
-        self.path, self.fields = path, fields
-        rows = []
-        if keep_through_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_through_step]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-        self.f = open(path, "a", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=fields, extrasaction="ignore")
-
-    def write(self, row: dict) -> None:
-        self.w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-class Trackers:
-    """TensorBoard / W&B, only when installed and asked for."""
-
-    def __init__(self, cfg: TrainConfig, main: bool):
-        self.tb = self.wandb = None
-        if not main:
-            return
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception as exc:  # noqa: BLE001
-                raise VGSError(f"--tensorboard needs the tensorboard package ({exc})") from exc
-            self.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except Exception as exc:  # noqa: BLE001
-                raise VGSError(f"--wandb-project needs the wandb package ({exc})") from exc
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=dataclasses.asdict(cfg),
-                                    id=(cfg.run_name or None), resume="allow")
-
-    def log(self, prefix: str, row: dict, step: int) -> None:
-        vals = {f"{prefix}/{k}": v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-        if self.tb:
-            for k, v in vals.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(vals, step=step)
-
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-# ----------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def checkpoint_dirs(out: str) -> list[str]:
-    """Complete checkpoints (those holding a trainer state), oldest first."""
-    root = os.path.join(out, CKPT_DIR)
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp"))
-    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE))]
-
-
-def latest_checkpoint(out: str) -> str | None:
-    dirs = checkpoint_dirs(out)
-    return dirs[-1] if dirs else None
-
-
-def final_model(out: str) -> str | None:
-    """The checkpoint of a finished run (`OUT/final`), or None while it is unfinished."""
-    link = os.path.join(out, FINAL_LINK)
-    return os.path.realpath(link) if os.path.isdir(link) else None
 
 
 def _rng_state() -> dict:
@@ -485,9 +309,7 @@ def save_checkpoint(cfg: TrainConfig, d: Dist, model, raw_model, optimizer, step
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    root = os.path.join(cfg.out, CKPT_DIR)
-    name = f"step_{step:08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    name, tmp = staging_dir(cfg.out, step)
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -495,11 +317,10 @@ def save_checkpoint(cfg: TrainConfig, d: Dist, model, raw_model, optimizer, step
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = optim_sd = None
     if cfg.fsdp:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, DCP_DIR))
+        save_sharded({"model": msd, "optim": osd}, os.path.join(tmp, DCP_DIR))
         if export:
             model_sd = get_model_state_dict(model, options=opts)
     else:
@@ -513,62 +334,20 @@ def save_checkpoint(cfg: TrainConfig, d: Dist, model, raw_model, optimizer, step
             raw_model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
         else:
             raw_model.config.save_pretrained(tmp)  # what `value_models.export` needs to consolidate later
-        copy_tokenizer_files(cfg.tokenizer or cfg.init, tmp)
+        save_tokenizer(cfg.tokenizer or cfg.init, tmp)
         torch.save({**state, "step": step, "optimizer": optim_sd, "sharded": cfg.fsdp, "rng": rngs,
                     "world_size": d.world, "config": dataclasses.asdict(cfg)}, os.path.join(tmp, STATE_FILE))
         publish_checkpoint(cfg.out, tmp, name, cfg.keep_last)
     barrier(d)
-    return final
-
-
-def copy_tokenizer_files(tokenizer_dir: str, dst: str) -> None:
-    """Tokenizer and chat template next to the weights, so a checkpoint also serves as a
-    standalone vLLM / transformers model directory."""
-    for fname in TOKENIZER_FILES:
-        src = os.path.join(tokenizer_dir, fname)
-        if os.path.isfile(src) and not os.path.exists(os.path.join(dst, fname)):
-            shutil.copy(src, dst)
-
-
-def publish_checkpoint(out: str, tmp: str, name: str, keep_last: int) -> str:
-    """Rank 0, once `tmp` is complete: rename it to `OUT/checkpoints/name` (atomic), point
-    `LATEST` at it (atomic), drop all but the newest `keep_last`. A crash at any point leaves
-    either the previous checkpoint or the new one, never a half-written one."""
-    root = os.path.join(out, CKPT_DIR)
-    final = os.path.join(root, name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, LATEST_FILE + ".tmp"), "w") as f:
-        f.write(name + "\n")
-    os.replace(os.path.join(root, LATEST_FILE + ".tmp"), os.path.join(root, LATEST_FILE))
-    for old in checkpoint_dirs(out)[: -keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def mark_final(out: str, ckpt: str) -> None:
-    link, tmp = os.path.join(out, FINAL_LINK), os.path.join(out, FINAL_LINK + ".tmp")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(os.path.relpath(ckpt, out), tmp)
-    os.replace(tmp, link)
+    return os.path.join(cfg.out, CKPT_DIR, name)
 
 
 # ----------------------------------------------------------------------------------------------
 # the loop
 
 
-def _autocast(d: Dist, cfg: TrainConfig):
-    import torch
-
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _forward(model, batch, cfg: TrainConfig, d: Dist):
-    with _autocast(d, cfg):
+    with autocast(cfg.dtype, d):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, use_cache=False)
     return out.logits.float()
@@ -616,25 +395,12 @@ def evaluate(model, ds, val_idx: np.ndarray, cfg: TrainConfig, d: Dist, pad_id: 
 
 
 def _wrap(model, cfg: TrainConfig, d: Dist):
-    import torch
-
     if use_grad_checkpointing(cfg, d):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device)
     if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device.type == "cuda")
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return model
+        return fully_shard_layers(model, model.model.layers, cfg.dtype, d)
+    return ddp(model, d) if d.enabled else model
 
 
 def use_grad_checkpointing(cfg: TrainConfig, d: Dist) -> bool:
@@ -676,27 +442,6 @@ def load_data(cfg: TrainConfig, d: Dist, paths: list[str], drop: str):
     return ValueDataset(paths, cfg.max_length, drop=drop)
 
 
-def load_sharded(model, optimizer, path: str) -> None:
-    """Every rank reads only its own shards of the model and optimizer state (DCP), whatever
-    the world size that wrote them."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
-def _sync_context(model, cfg: TrainConfig, sync: bool):
-    if cfg.fsdp:
-        model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    if not sync and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
 def train(cfg: TrainConfig) -> str:
     """Run (or resume) training; returns the final checkpoint directory."""
     cfg.validate()
@@ -704,10 +449,7 @@ def train(cfg: TrainConfig) -> str:
     try:
         return _train(cfg, d)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
 
 
 def _train(cfg: TrainConfig, d: Dist) -> str:
@@ -720,11 +462,7 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
     if cfg.batch_size % d.world or per_rank % cfg.micro_batch_size:
         raise VGSError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({d.world}) x "
                        f"--micro-batch-size ({cfg.micro_batch_size})")
-    os.makedirs(os.path.join(cfg.out, CKPT_DIR), exist_ok=True)
-    ckpt = latest_checkpoint(cfg.out)
-    if ckpt and not cfg.resume:
-        raise VGSError(f"{cfg.out} already holds checkpoints (latest {os.path.basename(ckpt)}); "
-                       f"pass --resume to continue it, or choose a new --out")
+    ckpt = open_run(cfg.out, cfg.resume)
     # -- data: prepared directories are memory-mapped by every rank (no rank waits for another)
     if cfg.pack:
         _check_varlen(cfg, d)
@@ -747,9 +485,7 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
     state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False) if ckpt else None
     sharded = bool(state and state.get("sharded"))
     if d.main:
-        for stale in os.listdir(os.path.join(cfg.out, CKPT_DIR)):  # partial writes of a killed run
-            if stale.endswith(".tmp"):
-                shutil.rmtree(os.path.join(cfg.out, CKPT_DIR, stale), ignore_errors=True)
+        remove_partial(cfg.out)  # partial writes of a killed run
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     barrier(d)
@@ -801,7 +537,7 @@ def _train(cfg: TrainConfig, d: Dist) -> str:
         loss_sum = tokens = loss_tokens = padded = 0.0
         for k, idx in enumerate(micro):
             batch = collate([ds[i] for i in idx], pad_id, cfg.pad_to_multiple, cfg.pack).to(d.device)
-            with _sync_context(model, cfg, sync=k == len(micro) - 1):
+            with sync_context(model, cfg.fsdp, sync=k == len(micro) - 1):
                 per_seq = sequence_losses(_forward(model, batch, cfg, d), batch)
                 loss = per_seq.sum() / per_rank
                 loss.backward()

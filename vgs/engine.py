@@ -29,7 +29,6 @@ from vgs.errors import VGSError
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_GIB = 2.0
-WEIGHT_BUCKET_BYTES = 1 << 30  # safetensors file size per weight-sync bucket
 
 
 @dataclass
@@ -187,6 +186,8 @@ class PolicyEngine:
         if logits_processors:
             kw["logits_processors"] = logits_processors
             guidance_budget(cfg, kw)
+        # RL weight sync: the workers can re-tie a tied LM head after an in-place reload
+        kw.setdefault("worker_extension_cls", "vgs.weight_sync.WeightSyncWorkerExtension")
         self.llm = run_sync(start_async_llm(kw))  # built on the loop that will drive it
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.num_params = count_params(cfg.model)
@@ -201,56 +202,68 @@ class PolicyEngine:
         """vLLM requests not finished yet (running or waiting): 0 after a cancelled search."""
         return int(self.llm.get_num_unfinished_requests()) if self.llm is not None else 0
 
+    @property
+    def weight_dtype(self) -> Any:
+        """The torch dtype the engine holds its weights in (what a weight sync should send)."""
+        return self.llm.model_config.dtype
+
+    @property
+    def tied_weight_names(self) -> set[str]:
+        """Checkpoint names the engine does not load because they are tied to another weight."""
+        return {"lm_head.weight"} if getattr(self.llm.model_config.hf_config, "tie_word_embeddings", False) else set()
+
+    def sync_bytes(self) -> int:
+        """Bytes one full weight update stages (every parameter once, in `weight_dtype`)."""
+        from vgs.weight_sync import dtype_bytes
+
+        return int(self.num_params) * dtype_bytes(self.weight_dtype)
+
     def update_weights(self, weights: Iterable[tuple[str, Any]], staging_dir: str | None = None) -> None:
         """Load new weights into the running engine without a restart (RL weight sync).
 
         `weights` is the full set of (checkpoint name, tensor) pairs, as in a transformers
-        `state_dict()` of the same architecture. They are written as safetensors files into a
+        `state_dict()` of the same architecture (a generator is fine: one bucket is held at a
+        time). They are cast to the engine's dtype (bf16 on GPU: half the bytes of fp32 master
+        weights), a tied LM head is left out, and they are written as safetensors files into a
         fresh directory under `staging_dir` (default `/dev/shm`, i.e. memory, when writable),
-        and every worker reloads them in place through vLLM's worker RPC
-        (`collective_rpc("reload_weights", weights_path=...)`, which also re-runs each layer's
-        post-load processing and works with tensor parallelism: every worker reads the files
-        and keeps its shard). The RPC carries only the path, as vLLM recommends for bulk data.
-        The prefix cache is reset afterwards: cached KV blocks were computed by the old weights.
+        after checking it has room for all of them (`vgs.weight_sync`). Every worker then
+        reloads them in place through vLLM's worker RPC (`reload_staged`).
         """
-        from safetensors.torch import save_file
+        from vgs.weight_sync import check_staging_space, staging_root, write_weights
 
+        if self.llm is None:
+            raise VGSError("the policy engine is closed")
+        root = staging_root(staging_dir)
+        check_staging_space(root, self.sync_bytes())
+        path = tempfile.mkdtemp(prefix="vgs-weights-", dir=root)
+        try:
+            write_weights(weights, path, dtype=self.weight_dtype, skip=self.tied_weight_names)
+            self.reload_staged(path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def reload_staged(self, path: str) -> None:
+        """Every worker reloads the weights staged in `path` (safetensors written by
+        `vgs.weight_sync.write_weights`, e.g. once per node for several engines) through vLLM's
+        worker RPC (`collective_rpc("reload_weights", weights_path=...)`, which also re-runs each
+        layer's post-load processing and works with tensor parallelism: every worker reads the
+        files and keeps its shard). The RPC carries only the path, as vLLM recommends for bulk
+        data. The prefix cache is reset afterwards: cached KV blocks were computed by the old
+        weights."""
         from vgs.aio import run_sync
 
         if self.llm is None:
             raise VGSError("the policy engine is closed")
-        root = staging_dir or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
-        path = tempfile.mkdtemp(prefix="vgs-weights-", dir=root)
-        try:
-            bucket: dict[str, Any] = {}
-            size = files = 0
-
-            def flush() -> None:
-                nonlocal bucket, size, files
-                if bucket:
-                    save_file(bucket, os.path.join(path, f"model-{files:05d}.safetensors"))
-                    files += 1
-                bucket, size = {}, 0
-
-            for name, t in weights:
-                t = t.detach().to("cpu").contiguous()
-                bucket[name] = t
-                size += t.numel() * t.element_size()
-                if size >= WEIGHT_BUCKET_BYTES:
-                    flush()
-            flush()
-            if not files:
-                raise VGSError("update_weights got no tensors")
-            reset = run_sync(self._reload(path))
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-        if not reset:
+        if not run_sync(self._reload(path)):
             log.warning("prefix cache not reset after a weight update (requests still running?)")
 
     async def _reload(self, path: str) -> bool:
-        """Every worker reloads the staged files, then the prefix cache is dropped (on the
+        """Every worker reloads the staged files (and re-ties a tied LM head,
+        `vgs.weight_sync.WeightSyncWorkerExtension`), then the prefix cache is dropped (on the
         engine loop, which owns the AsyncLLM)."""
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True})
+        if self.tied_weight_names:  # vLLM's reload leaves a tied head on the old tensor
+            await self.llm.collective_rpc("vgs_retie_word_embeddings")
         return bool(await self.llm.reset_prefix_cache())
 
     def sampling_params(self, req: GenRequest, sampling: SamplingConfig, delta: bool = False) -> Any:

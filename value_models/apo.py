@@ -274,12 +274,12 @@ def load_vstar(paths: list[str], filter_incorrect: bool = False) -> Problems:
     """Stage-1 rows (`vgs apo-vstar` directories or Parquet files), in a stable order."""
     import pyarrow.parquet as pq
 
-    from value_models.convert import source_files
+    from value_models.data import parquet_files
 
     missing_paths = [p for p in paths if not os.path.exists(p)]
     if missing_paths:
         raise VGSError(f"--data {missing_paths[0]!r} does not exist")
-    files = source_files(paths)
+    files = parquet_files(paths, what="--data")
     cols = ["problem_id", "prompt_ids", "answer", "v_star", "pass_rate"]
     out = Problems([], [], [], np.zeros(0), np.zeros(0))
     vs, pr, formats = [], [], set()

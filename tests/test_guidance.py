@@ -787,3 +787,35 @@ def test_guidance_timing_file_splits_the_step(tiny_value, tmp_path, monkeypatch)
     assert len(lines) == 2 and all(len(ln) == 4 and ln[0] == "2" for ln in lines)
     for _, total, topk, forward in ([float(x) for x in ln] for ln in lines):
         assert 0 < topk < total and 0 < forward < total and topk + forward <= total
+
+
+def test_cached_value_model_fused_cpu_kernels_match_module_path(tiny_value, value_hf, monkeypatch):
+    """On CPU with vLLM's kernels the decode step runs fused (vgs.guidance.cpu_kernels: vLLM's
+    RMSNorm, RoPE and SiLU-and-mul, prefix attention with its log-sum-exp merged with each
+    candidate's own key); its scores equal the module path's and full HF forwards, step after
+    step, and VGS_GUIDANCE_FUSED=0 turns it off."""
+    from vgs.guidance.cpu_kernels import _c_ops
+    from vgs.guidance.worker_model import CachedValueModel
+
+    if _c_ops() is None:
+        pytest.skip("vLLM's CPU kernels are not available here")
+    fused = CachedValueModel(tiny_value)
+    monkeypatch.setenv("VGS_GUIDANCE_FUSED", "0")
+    plain = CachedValueModel(tiny_value)
+    assert fused.kernels is not None and plain.kernels is None
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (3, 70, 21)]  # rows of unequal length
+    rows = {id(m): [m.alloc_row() for _ in seqs] for m in (fused, plain)}
+    for step in range(4):
+        cands = torch.randint(0, 151000, (len(seqs), 6), generator=g)
+        got = []
+        for m in (fused, plain):
+            news = [s[m.lens[r]:] for r, s in zip(rows[id(m)], seqs)]
+            got.append(m.score(rows[id(m)], news, cands).success_logit.double())
+        assert torch.allclose(got[0], got[1], atol=1e-5), step
+        assert got[0].std() > 1e-3
+        for i, s in enumerate(seqs):
+            assert torch.allclose(got[0][i], hf_success_logits(value_hf, s, cands[i].tolist()), atol=2e-4), (step, i)
+            s.append(int(cands[i, step]))
+        if step == 1:
+            seqs[1].extend([5, 6, 7])  # several new tokens: forward A, then the fused step

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from vgs.guidance.cpu_gemm import Linear, make_linear
+from vgs.guidance.cpu_kernels import CpuKernels
 from vgs.guidance.offsets import CandidateScores
 from vgs.guidance.params import resolve_value_model_path
 from vgs.guidance.transfer import upload
@@ -106,6 +107,8 @@ class CachedValueModel:
         self.scaling = float(attn.scaling)
         self.num_params = int(sum(p.numel() for p in hf.parameters()))
         self._fuse_projections()
+        # vLLM's fused CPU kernels for the decode step (None: the module path below)
+        self.kernels = CpuKernels.available(self)
         # Histogram value models: num_labels atoms evenly spaced on [0, 1] (the Q♯ `mle` head).
         self.histogram = bool(getattr(cfg, "value_head", "") == "histogram") or histogram_atoms is not None
         if self.histogram:
@@ -348,6 +351,18 @@ class CachedValueModel:
             x = x + down_proj(mlp.act_fn(gate) * up)
         return self.backbone.norm(x)
 
+    def _decode_fused(self, ids: torch.Tensor, rows: list[int], lens: list[int]) -> torch.Tensor:
+        """Forward B through `CpuKernels`: the new token of row i goes to position lens[i],
+        and every query of the row sees positions 0..lens[i] (plus, for a candidate, itself)."""
+        span = max(lens) + 1
+        slots = self._slot_table(rows, span)
+        lens_t = upload(lens, self.device, torch.long)
+        write = slots.gather(1, lens_t[:, None]).reshape(-1)
+        visible = torch.arange(span, device=self.device)[None, :] <= lens_t[:, None]
+        key_mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        return self.kernels.decode_forward(ids, lens_t, slots, write, key_mask[:, None, None], span, span,
+                                           [n + 1 for n in lens])
+
     @torch.inference_mode()
     def score(self, rows: list[int], new_tokens: "list[list[int]] | Feed", cand_ids: torch.Tensor) -> CandidateScores:
         """Append the new tokens of row `rows[i]` (≥ 1 each: `new_tokens[i]`, or a `Feed`
@@ -367,16 +382,26 @@ class CachedValueModel:
             n_a = [feed.lengths[i] - 1 for i in long]
             width = max(n_a)
             ids = feed.prefix_ids(long, width).to(dev)
-            b = self._batch([rows[i] for i in long], [self.lens[rows[i]] for i in long], n_a, width, 0)
-            self._forward(ids, b, n_real=width, n_cand=0)
+            lens_a = [self.lens[rows[i]] for i in long]
+            if self.kernels is not None:  # unpadded: the rows' tokens concatenated
+                real = torch.arange(width, device=dev)[None, :] < upload(n_a, dev, torch.long)[:, None]
+                slots = self._slot_table([rows[i] for i in long], max(n + c for n, c in zip(lens_a, n_a)))
+                self.kernels.prefill_forward(ids[real], n_a, lens_a, slots)
+            else:
+                b = self._batch([rows[i] for i in long], lens_a, n_a, width, 0)
+                self._forward(ids, b, n_real=width, n_cand=0)
             for i, n in zip(long, n_a):
                 self.lens[rows[i]] += n
                 self.tokens_computed += n
         # Forward B: the last new token of every row + its candidates.
         last = feed.last_ids().to(dev)
         ids = torch.cat([last[:, None], cand_ids], dim=1)
-        b = self._batch(rows, [self.lens[r] for r in rows], [1] * len(rows), 1, n_cand)
-        hidden = self._forward(ids, b, n_real=1, n_cand=n_cand)
+        lens = [self.lens[r] for r in rows]
+        if self.kernels is not None:
+            hidden = self._decode_fused(ids, rows, lens)
+        else:
+            b = self._batch(rows, lens, [1] * len(rows), 1, n_cand)
+            hidden = self._forward(ids, b, n_real=1, n_cand=n_cand)
         for r in rows:
             self.lens[r] += 1
         self.tokens_computed += len(rows) * (1 + n_cand)

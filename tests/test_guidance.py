@@ -789,12 +789,14 @@ def test_guidance_timing_file_splits_the_step(tiny_value, tmp_path, monkeypatch)
         assert 0 < topk < total and 0 < forward < total and topk + forward <= total
 
 
-def test_cached_value_model_fused_cpu_kernels_match_module_path(tiny_value, value_hf, monkeypatch):
-    """On CPU with vLLM's kernels the decode step runs fused (vgs.guidance.cpu_kernels: vLLM's
-    RMSNorm, RoPE and SiLU-and-mul, prefix attention with its log-sum-exp merged with each
-    candidate's own key); its scores equal the module path's and full HF forwards, step after
+@pytest.mark.parametrize("lengths,per_row", [((3, 70, 21), True), ((60, 62, 64), False)])
+def test_cached_value_model_fused_cpu_kernels_match_module_path(tiny_value, value_hf, monkeypatch, lengths, per_row):
+    """On CPU with vLLM's kernels the value step runs fused (vgs.guidance.cpu_kernels: vLLM's
+    RMSNorm and RoPE, prefix attention with its log-sum-exp merged with each candidate's own
+    key, one attention call per row for rows of unequal length or one masked call, an
+    unpadded prefill); its scores equal the module path's and full HF forwards, step after
     step, and VGS_GUIDANCE_FUSED=0 turns it off."""
-    from vgs.guidance.cpu_kernels import _c_ops
+    from vgs.guidance.cpu_kernels import CpuKernels, _c_ops
     from vgs.guidance.worker_model import CachedValueModel
 
     if _c_ops() is None:
@@ -803,8 +805,9 @@ def test_cached_value_model_fused_cpu_kernels_match_module_path(tiny_value, valu
     monkeypatch.setenv("VGS_GUIDANCE_FUSED", "0")
     plain = CachedValueModel(tiny_value)
     assert fused.kernels is not None and plain.kernels is None
+    assert CpuKernels.per_row([n + 1 for n in lengths], max(lengths) + 1) is per_row
     g = torch.Generator().manual_seed(7)
-    seqs = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (3, 70, 21)]  # rows of unequal length
+    seqs = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in lengths]
     rows = {id(m): [m.alloc_row() for _ in seqs] for m in (fused, plain)}
     for step in range(4):
         cands = torch.randint(0, 151000, (len(seqs), 6), generator=g)

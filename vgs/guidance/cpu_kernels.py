@@ -12,13 +12,17 @@ layers use:
 - `rotary_embedding` over a cos/sin table built once from the checkpoint's own rotary
   module (in place on q and k);
 - attention split in two: every query of a row (its new token and its k candidates) sees
-  the same cached prefix, so the prefix part is one flash-attention call with a per-row
-  padding mask that also returns its log-sum-exp; each candidate's own key is one dot
-  product; the two are merged exactly with the log-sum-exp (no B x (1 + k) x (span + k)
-  mask, no concatenation of keys).
+  the same cached prefix, so the prefix part is a flash-attention call that also returns its
+  log-sum-exp (one per row over its own keys when rows differ much in length, else one over
+  the padded span with a padding mask); each candidate's own key is one dot product; the
+  two are merged exactly with the log-sum-exp (no B x (1 + k) x (span + k) mask, no
+  concatenation of keys);
+- a new request's prompt (forward A) runs unpadded: the rows' tokens concatenated through
+  the projections, one causal attention call per row, and the last layer stops at its
+  keys and values.
 
 `CpuKernels.available(model)` says whether this path applies (CPU, vLLM's kernels loaded,
-a RoPE whose angles depend on the position only); `CachedValueModel` falls back to its
+a RoPE whose angles depend on the position only, SiLU MLP); `CachedValueModel` falls back to its
 module path otherwise, and `VGS_GUIDANCE_FUSED=0` turns this path off. Same fp32 arithmetic
 up to summation order: `tests/test_guidance.py` checks the scores against the module path.
 """
@@ -68,21 +72,19 @@ class CpuKernels:
     def __init__(self, model: Any, ops: Any):
         self.ops = ops
         self.m = model
-        cfg = model.hf.config
         self.eps_in = [float(layer.input_layernorm.variance_epsilon) for layer in model.layers]
         self.eps_post = [float(layer.post_attention_layernorm.variance_epsilon) for layer in model.layers]
         self.eps_final = float(model.backbone.norm.variance_epsilon)
         self.group = model.num_heads // model.num_kv_heads
         self._cos_sin = torch.empty(0, model.head_dim, dtype=model.dtype)
         self._rope_dtype = model.dtype
-        del cfg
 
     @staticmethod
     def available(model: Any) -> "CpuKernels | None":
         if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
             return None
         rope = getattr(model.backbone.rotary_emb, "rope_type", "default")
-        if rope not in STATIC_ROPE:
+        if rope not in STATIC_ROPE or getattr(model.hf.config, "hidden_act", "silu") != "silu":
             return None
         ops = _c_ops()
         return CpuKernels(model, ops) if ops is not None else None
@@ -103,19 +105,11 @@ class CpuKernels:
         self._cos_sin = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1).to(self._rope_dtype).contiguous()
         return self._cos_sin
 
-    def _prefix_attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, key_mask: torch.Tensor,
-                          visible: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output, log-sum-exp) of every query of row b over its first visible[b] keys.
-        Rows of very unequal length (a batch mixes prompts of 30 and 400 tokens) are cheaper
-        one flash call each, on their own keys without a mask, than one call over the
-        padded span; rows of similar length, one masked call."""
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        bsz, span = keys.shape[0], keys.shape[2]
-        if bsz > 1 and bsz <= PER_ROW_MAX_ROWS and sum(visible) < PER_ROW_FILL * bsz * span:
-            parts = [flash(q[b:b + 1], keys[b:b + 1, :, :n], vals[b:b + 1, :, :n], scale=self.m.scaling)
-                     for b, n in enumerate(visible)]
-            return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
-        return flash(q, keys, vals, attn_mask=key_mask, scale=self.m.scaling)
+    @staticmethod
+    def per_row(visible: list[int], span: int) -> bool:
+        """Attend one row at a time (unpadded keys, no mask) rather than over the padded span:
+        worth it when a step mixes rows of very unequal length (prompts of 30 and 400 tokens)."""
+        return 1 < len(visible) <= PER_ROW_MAX_ROWS and sum(visible) < PER_ROW_FILL * len(visible) * span
 
     # ---- the prefill forward (forward A) -------------------------------------------------
     def prefill_forward(self, ids: torch.Tensor, counts: list[int], lens: list[int], slots: torch.Tensor) -> None:
@@ -184,25 +178,38 @@ class CpuKernels:
             ops.fused_add_rms_norm(h, residual, m.layers[i + 1].input_layernorm.weight, self.eps_in[i + 1])
 
     # ---- the decode forward -------------------------------------------------------------
-    def decode_forward(self, ids: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, write: torch.Tensor,
-                       key_mask: torch.Tensor, span: int, max_len: int, visible: list[int]) -> torch.Tensor:
+    def decode_forward(self, ids: torch.Tensor, lens: list[int], slots: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
         """Forward B of `CachedValueModel.score`: per row one new token (written to the cache)
-        and n_cand candidates at the next position. `ids` [B, 1 + n_cand]; `lens` [B] cached
-        tokens before this step (the new token's position); `slots` [B, span] pool slots of positions 0..span-1; `write`
-        [B] slot of the new token; `key_mask` [B, 1, 1, span] additive mask (0 for positions
-        <= lens, -inf past them); `visible` the same lengths on the host (lens + 1). Returns the
-        final-norm hidden states [B, 1 + n_cand, H]."""
+        and n_cand candidates at the next position. `ids` [B, 1 + n_cand]; `lens` cached
+        tokens of each row before this step (= the new token's position); `slots` [B, span]
+        pool slots of positions 0..span-1 (span = max(lens) + 1); `write` [B] slot of the new
+        token. Every query of row b sees positions 0..lens[b] (a candidate also itself).
+        Returns the final-norm hidden states [B, 1 + n_cand, H]."""
         m, ops = self.m, self.ops
+        dev = ids.device
         bsz, qlen = ids.shape
         n_cand = qlen - 1
         kv, g, d = m.num_kv_heads, self.group, m.head_dim
+        span = slots.shape[1]
+        visible = [n + 1 for n in lens]
+        lens_t = upload(lens, dev, torch.long)
         # the new token sits at position lens, its candidates at lens + 1
-        positions = (lens[:, None] + (torch.arange(qlen, device=ids.device) > 0)[None, :]).reshape(-1)
-        cos_sin = self.cos_sin(max_len + 1)
+        positions = (lens_t[:, None] + (torch.arange(qlen, device=dev) > 0)[None, :]).reshape(-1)
+        cos_sin = self.cos_sin(span + 1)
+        seen = torch.arange(span, device=dev)[None, :] <= lens_t[:, None]  # [B, span]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        row_mode = self.per_row(visible, span)
+        if row_mode:
+            flat = slots[seen]  # each row's visible slots, rows concatenated (no padding)
+            bounds = [0]
+            for n in visible:
+                bounds.append(bounds[-1] + n)
+        else:
+            flat = slots.reshape(-1)
+            key_mask = torch.zeros(seen.shape, dtype=m.dtype, device=dev).masked_fill_(~seen, float("-inf"))[:, None, None]
         residual = m.backbone.embed_tokens(ids.reshape(-1))  # [T, H]
         h = torch.empty_like(residual)
         ops.rms_norm(h, residual, m.layers[0].input_layernorm.weight, self.eps_in[0])
-        flat = slots.reshape(-1)
         for i, layer in enumerate(m.layers):
             qkv_proj, o_proj, gate_up_proj, down_proj = m._proj[i]
             _, _, sizes = m._qkv[i]
@@ -215,12 +222,18 @@ class CpuKernels:
             kc, vc = m._k[i], m._v[i]
             kc[write] = k4[:, 0]
             vc[write] = v4[:, 0]
-            keys = kc.index_select(0, flat).view(bsz, span, kv, d).transpose(1, 2)  # [B, KV, span, D]
-            vals = vc.index_select(0, flat).view(bsz, span, kv, d).transpose(1, 2)
+            keys, vals = kc.index_select(0, flat), vc.index_select(0, flat)
             # every query of a row sees the same prefix: fold the query heads of a KV group
             # into the query axis, one flash call for all of them
             qf = q5.permute(0, 2, 3, 1, 4).reshape(bsz, kv, g * qlen, d)
-            out, lse = self._prefix_attention(qf, keys, vals, key_mask, visible)
+            if row_mode:
+                parts = [flash(qf[b:b + 1], keys[lo:hi].view(1, hi - lo, kv, d).transpose(1, 2),
+                               vals[lo:hi].view(1, hi - lo, kv, d).transpose(1, 2), scale=m.scaling)
+                         for b, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+                out, lse = torch.cat([o for o, _ in parts]), torch.cat([x for _, x in parts])
+            else:
+                out, lse = flash(qf, keys.view(bsz, span, kv, d).transpose(1, 2),
+                                 vals.view(bsz, span, kv, d).transpose(1, 2), attn_mask=key_mask, scale=m.scaling)
             out = out.view(bsz, kv, g, qlen, d).permute(0, 3, 1, 2, 4)  # [B, Q, KV, G, D]
             lse = lse.view(bsz, kv, g, qlen).permute(0, 3, 1, 2)  # [B, Q, KV, G]
             if n_cand:

@@ -352,16 +352,10 @@ class CachedValueModel:
         return self.backbone.norm(x)
 
     def _decode_fused(self, ids: torch.Tensor, rows: list[int], lens: list[int]) -> torch.Tensor:
-        """Forward B through `CpuKernels`: the new token of row i goes to position lens[i],
-        and every query of the row sees positions 0..lens[i] (plus, for a candidate, itself)."""
-        span = max(lens) + 1
-        slots = self._slot_table(rows, span)
-        lens_t = upload(lens, self.device, torch.long)
-        write = slots.gather(1, lens_t[:, None]).reshape(-1)
-        visible = torch.arange(span, device=self.device)[None, :] <= lens_t[:, None]
-        key_mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-        return self.kernels.decode_forward(ids, lens_t, slots, write, key_mask[:, None, None], span, span,
-                                           [n + 1 for n in lens])
+        """Forward B through `CpuKernels`: the new token of row i goes to position lens[i]."""
+        slots = self._slot_table(rows, max(lens) + 1)
+        write = slots.gather(1, upload(lens, self.device, torch.long)[:, None]).reshape(-1)
+        return self.kernels.decode_forward(ids, lens, slots, write)
 
     @torch.inference_mode()
     def score(self, rows: list[int], new_tokens: "list[list[int]] | Feed", cand_ids: torch.Tensor) -> CandidateScores:

@@ -213,8 +213,12 @@ class Guide:
                             value_tokens[i] = 0
                     idx = [i for i in idx if reqs[i].row not in out]
                     continue
-                o = core.compute_offsets(scores, upload([reqs[i].params.eta for i in idx], model.device, torch.float32),
-                                         [reqs[i].params.method for i in idx]).to(dev)
+                etas = {reqs[i].params.eta for i in idx}
+                methods = {reqs[i].params.method for i in idx}
+                # one eta / method for the group (the usual case): scalars, one offset form computed
+                o = core.compute_offsets(
+                    scores, etas.pop() if len(etas) == 1 else upload([reqs[i].params.eta for i in idx], model.device, torch.float32),
+                    methods.pop() if len(methods) == 1 else [reqs[i].params.method for i in idx]).to(dev)
                 if model.vocab_size < logits.shape[1]:
                     valid[sel] &= c < model.vocab_size  # tokens the value model cannot embed: no offset
                 offs[sel] = o.float()

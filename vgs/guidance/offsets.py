@@ -69,23 +69,28 @@ def compute_offsets(scores: CandidateScores, eta: torch.Tensor | float,
     `eta` is a scalar or one value per row; `method` one name or one per row ("qsharp" |
     "cd"). Bernoulli and histogram scores give the forms in the module docstring.
     """
-    if scores.success_logit is not None:
-        ell = scores.success_logit.float()
-        inv = 1.0 / _as_col(eta, ell)
-        qsharp = F.softplus(ell + inv) - F.softplus(ell)
-        cd = torch.sigmoid(ell) * inv
-    else:
-        lp = scores.atom_logprobs.float()
-        z = scores.atoms.to(lp)
-        inv = 1.0 / _as_col(eta, lp[..., 0])
-        qsharp = torch.logsumexp(lp + z * inv.unsqueeze(-1), dim=-1)
-        cd = (lp.exp() * z).sum(-1) * inv
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown guidance method {method!r}; choose one of {', '.join(METHODS)}")
-        return qsharp if method == "qsharp" else cd
+        return _offsets(scores, eta, method)  # one method for the batch: only its form is computed
+    qsharp, cd = _offsets(scores, eta, "qsharp"), _offsets(scores, eta, "cd")
     is_cd = upload([m == "cd" for m in method], qsharp.device, torch.bool).reshape(-1, 1)
     return torch.where(is_cd, cd, qsharp)
+
+
+def _offsets(scores: CandidateScores, eta: torch.Tensor | float, method: str) -> torch.Tensor:
+    if scores.success_logit is not None:
+        ell = scores.success_logit.float()
+        inv = 1.0 / _as_col(eta, ell)
+        if method == "qsharp":
+            return F.softplus(ell + inv) - F.softplus(ell)
+        return torch.sigmoid(ell) * inv
+    lp = scores.atom_logprobs.float()
+    z = scores.atoms.to(lp)
+    inv = 1.0 / _as_col(eta, lp[..., 0])
+    if method == "qsharp":
+        return torch.logsumexp(lp + z * inv.unsqueeze(-1), dim=-1)
+    return (lp.exp() * z).sum(-1) * inv
 
 
 def top_k_candidates(logits: torch.Tensor, k: int, chunk: int = 128) -> torch.Tensor:

@@ -28,16 +28,25 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 ENV = "VGS_GUIDANCE_ONEDNN"
 
 
-def _onednn_ops():
-    """vLLM's custom-op module when its oneDNN GEMM is usable on this CPU, else None."""
-    if os.environ.get(ENV, "1") == "0":
-        return None
+def vllm_cpu_kernels() -> bool:
+    """Whether vLLM's CPU kernels (`torch.ops._C`) are loaded here, loading them if this is a
+    CPU platform whose vLLM has them (a no-op in a worker, where they are loaded already)."""
     try:
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
-            return None
-        current_platform.import_kernels()  # no-op in a worker, where they are loaded already
+            return False
+        current_platform.import_kernels()
+        return True
+    except Exception:  # noqa: BLE001 - any import problem: plain torch
+        return False
+
+
+def _onednn_ops():
+    """vLLM's custom-op module when its oneDNN GEMM is usable on this CPU, else None."""
+    if os.environ.get(ENV, "1") == "0" or not vllm_cpu_kernels():
+        return None
+    try:
         from vllm import _custom_ops as ops
 
         # Asked of the loaded ops, not `ops._supports_onednn`: that flag is fixed when

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vgs.guidance.cpu_gemm import vllm_cpu_kernels
 from vgs.guidance.transfer import upload
 
 ENV = "VGS_GUIDANCE_FUSED"
@@ -49,21 +50,10 @@ PER_ROW_FILL = 0.75
 
 def _c_ops() -> Any | None:
     """`torch.ops._C` when vLLM's CPU kernels this module uses are loaded, else None."""
-    if os.environ.get(ENV, "1") == "0":
+    if os.environ.get(ENV, "1") == "0" or not vllm_cpu_kernels():
         return None
-    try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return None
-        current_platform.import_kernels()  # no-op in a worker, where they are loaded already
-        c = torch.ops._C
-        for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding"):
-            if not hasattr(c, name):
-                return None
-        return c
-    except Exception:  # noqa: BLE001 - any import problem: the module path
-        return None
+    c = torch.ops._C
+    return c if all(hasattr(c, name) for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding")) else None
 
 
 class CpuKernels:

@@ -10,7 +10,8 @@ page table per request over one pool per layer) and an explicit mask do all of t
 forward per step for the whole batch. Everything except attention (embedding, RMSNorm,
 projections, RoPE, MLP, head) calls the HF model's own modules, so the numerics are the
 checkpoint's; `tests/test_guidance.py` checks the scores against full HF
-forwards.
+forwards. On CPU with vLLM's kernels loaded (inside the worker) the same steps run fused and
+unpadded instead (`vgs.guidance.cpu_kernels`), with the same scores.
 
 One step (`score`) for rows r with new prefix tokens t_r (1 in steady decoding, the whole
 prompt for a new request) and candidates c_r:

@@ -23,20 +23,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_REPEATS = 3
+DEFAULT_WARMUP = 1
 
 
 def add_bench_args(ap: argparse.ArgumentParser, repeats: int = DEFAULT_REPEATS) -> None:
-    """`--repeats` (alternations of the arms) and `--out` (folder for the JSON result)."""
+    """`--repeats` (alternations of the arms), `--warmup` (alternations run first and not
+    recorded) and `--out` (folder for the JSON result)."""
     ap.add_argument("--repeats", type=int, default=repeats,
                     help=f"alternations of the arms in this process (default {repeats}); the goal ratio is "
                          "the ratio of the arms' medians")
+    ap.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                    help=f"alternations of all arms run first and not recorded (default {DEFAULT_WARMUP}): the "
+                         "first pass of an arm pays one-time costs (allocations, a grader pool's processes, "
+                         "cold caches) that made the first alternation the slowest in most runs")
     ap.add_argument("--out", default=None,
                     help="folder to write <script>.json into (what benchmarks/summary.py reads)")
 
 
-def check_repeats(ap: argparse.ArgumentParser, repeats: int) -> None:
+def check_repeats(ap: argparse.ArgumentParser, repeats: int, warmup: int = 0) -> None:
     if repeats < 1:
         ap.error(f"--repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {warmup}")
 
 
 # ---------------------------------------------------------------------------- machine
@@ -147,16 +155,19 @@ class Runs:
 
 
 def alternate(arms: dict[str, Callable[[int], dict[str, Any]]], repeats: int, runs: Runs | None = None,
-              label: str = "") -> Runs:
+              label: str = "", warmup: int = 0) -> Runs:
     """Run each arm once per repetition, arms in turn (so slow spells of a shared machine hit
-    them all alike); each arm returns its measurements for that repetition."""
+    them all alike); each arm returns its measurements for that repetition. The first
+    `warmup` alternations run the same way but are not recorded (repetition numbers < 0)."""
     runs = runs or Runs()
-    for rep in range(repeats):
+    for rep in range(-warmup, repeats):
         for name, fn in arms.items():
             t0 = time.perf_counter()
             rec = fn(rep)
-            runs.add(name, rep, **rec)
-            print(f"[{label or 'bench'}] {name} #{rep + 1}/{repeats}: {time.perf_counter() - t0:.1f} s "
+            tag = f"warm-up {rep + warmup + 1}/{warmup}" if rep < 0 else f"#{rep + 1}/{repeats}"
+            if rep >= 0:
+                runs.add(name, rep, **rec)
+            print(f"[{label or 'bench'}] {name} {tag}: {time.perf_counter() - t0:.1f} s "
                   f"(load {load_now()})", file=sys.stderr, flush=True)
     return runs
 

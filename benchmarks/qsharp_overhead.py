@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     add_bench_args(ap)
     args = ap.parse_args(argv)
-    check_repeats(ap, args.repeats)
+    check_repeats(ap, args.repeats, args.warmup)
     if args.batch < 1 or args.max_tokens < 1:
         ap.error("--batch and --max-tokens must be >= 1")
     return args
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> float:
 
     names = {(top_p, mode): f"{mode} top_p={top_p}" for top_p in args.top_p for mode in ("plain", "qsharp")}
     try:
-        runs = alternate({names[k]: arm(k[1] == "qsharp", k[0]) for k in names}, args.repeats, label="qsharp_overhead")
+        runs = alternate({names[k]: arm(k[1] == "qsharp", k[0]) for k in names}, args.repeats, label="qsharp_overhead",
+                    warmup=args.warmup)
     finally:
         engine.close()
     prompt_lens = [len(p) for p in prompts]

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--data-dir", default=str(DATA_DIR))
     add_bench_args(ap)
     args = ap.parse_args(argv)
-    check_repeats(ap, args.repeats)
+    check_repeats(ap, args.repeats, args.warmup)
 
     from vgs.config import EngineConfig, SamplingConfig, SearchConfig
     from vgs.eval.datasets import load_benchmark
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> float:
     def arm(name: str):
         def once(rep: int) -> dict:
             value.reset_prefix_cache()
-            seeds = [1000 * rep + i for i in range(len(prompts))]
+            base = 1000 * rep if rep >= 0 else 10**6 - 1000 * rep  # warm-ups (rep < 0): seeds of their own
+            seeds = [base + i for i in range(len(prompts))]
             t0 = time.perf_counter()
             results = run_search(prompts, seeds, arm_engines[name], configs[name], sampling)
             wall = time.perf_counter() - t0
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> float:
         return once
 
     try:
-        runs = alternate({name: arm(name) for name in configs}, args.repeats, label="search_overhead")
+        runs = alternate({name: arm(name) for name in configs}, args.repeats, label="search_overhead",
+                    warmup=args.warmup)
     finally:
         close_engines(engines)
     print(f"{args.problems} AIME 2024 problems, tiny pair ({args.layers} layers, hidden {args.hidden}), "

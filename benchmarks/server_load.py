@@ -124,7 +124,12 @@ def run_pair(models: str, args: argparse.Namespace, runs: Runs) -> list[dict]:
     runs: dict[str, list[tuple[float, list[tuple[float, int]]]]] = {"sequential": [], "concurrent": []}
     try:
         with httpx.Client() as client:
-            send(client, bodies[0])  # warm-up (first requests pay one-time costs)
+            send(client, bodies[0])  # the very first request pays one-time costs
+        for i in range(args.warmup):  # whole bursts of both arms, not recorded (the grader's pool, caches)
+            for arm in runs:
+                wall, _ = burst(arm == "concurrent")
+                print(f"[server_load] {models} {arm} warm-up {i + 1}/{args.warmup}: {wall:.1f} s", file=sys.stderr,
+                      flush=True)
         for i in range(args.repeats):  # arms alternate, so a slow spell of the machine hits both
             for arm in runs:
                 runs[arm].append(burst(arm == "concurrent"))
@@ -163,7 +168,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(DATA_DIR))
     add_bench_args(ap)
     args = ap.parse_args()
-    check_repeats(ap, args.repeats)
+    check_repeats(ap, args.repeats, args.warmup)
 
     import pandas as pd
 

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends or any(b not in ("hf", "vllm") for b in backends):
         ap.error(f"--backends must list hf and/or vllm, got {args.backends!r}")
-    check_repeats(ap, args.repeats)
+    check_repeats(ap, args.repeats, args.warmup)
 
     import pandas as pd
     import torch
@@ -239,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     max_diff = 0.0
     f_re = f_re_final = f_reuse = f_reuse_all = 0
     w_reuse = re_scored = None
-    for rep in range(args.repeats):
+    for rep in range(-args.warmup, args.repeats):
         # One repetition = the whole search once per method; the methods advance round by
-        # round in turn, so a slow spell of the machine hits all of them alike.
+        # round in turn, so a slow spell of the machine hits all of them alike. Repetitions
+        # < 0 are warm-ups: run the same way, not recorded.
         for scorer in scorers.values():
             scorer.reset_prefix_cache()
             scorer.tokens_computed = 0
@@ -255,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             s.final()
         final_computed = {BASE: reprefill_tokens, **{name: sc.tokens_computed for name, sc in scorers.items()}}
         re_search = searches[BASE]
+        if rep < 0:
+            print(f"[value_scoring] warm-up {rep + args.warmup + 1}/{args.warmup}: " +
+                  ", ".join(f"{n} {s.wall:.2f} s" for n, s in searches.items()) + f" (load {load_now()})",
+                  file=sys.stderr, flush=True)
+            continue
         if w_reuse is None:
             rounds_seqs, final_seqs = re_search.scored, re_search.beams
             re_scored = rounds_seqs

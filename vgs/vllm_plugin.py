@@ -2,7 +2,7 @@
 
 Registered through the `vllm.general_plugins` entry point in pyproject.toml; registering in
 the main script alone does not reach workers started with spawn. Lazy "module:Class" strings
-keep this import cheap. It also arms the parent-death signal in vLLM's engine processes
+keep this import cheap. It arms the parent-death signal in vLLM's engine processes
 (`vgs.lifecycle`), so a killed `vgs eval` or `vgs serve` leaves no engine behind.
 """
 

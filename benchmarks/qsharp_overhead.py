@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_bench_args(ap, repeats=11)  # short, noisy arms: more alternations (docs/benchmarks_speed.md)
     args = ap.parse_args(argv)
     check_repeats(ap, args.repeats, args.warmup)
+    args.methods = list(dict.fromkeys(args.methods))  # `--methods cd cd` times CD once
     if args.batch < 1 or args.max_tokens < 1:
         ap.error("--batch and --max-tokens must be >= 1")
     return args

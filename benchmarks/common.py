@@ -95,6 +95,7 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - hf-only runs need no vLLM
         info["vllm"] = None
     info["vllm_worker_threads"] = vllm_threads()
+    info["engine_malloc"] = engine_malloc_text()
     info.update(extra)
     return info
 
@@ -232,6 +233,14 @@ def vllm_cpu_kernels(head_size: int, dtype: str = "float32", block_size: int = 1
         return f"{lib}, attention isa {isa!r} (block {block_size}, head {head_size})"
     except Exception as exc:  # noqa: BLE001 - informational only
         return f"unknown ({exc.__class__.__name__})"
+
+
+def engine_malloc_text() -> str:
+    """The allocator settings vgs starts vLLM's engine processes with (`vgs.cpu_tuning`)."""
+    from vgs.cpu_tuning import engine_malloc_env
+
+    env = engine_malloc_env()
+    return " ".join(f"{k}={v}" for k, v in env.items()) if env else "as the environment has it"
 
 
 def engine_masks_text() -> str:

@@ -1,5 +1,5 @@
-"""vLLM on a small CPU: which cores each engine's worker computes on, and how vLLM's
-processes wait for each other.
+"""vLLM on a CPU: which cores each engine's worker computes on, how its allocator keeps memory,
+and how vLLM's processes wait for each other.
 
 **Cores (`engine_core_masks`, on by default).** vLLM pins each CPU worker's OpenMP threads
 to the cores of its NUMA node minus one core it reserves for the scheduler. Two engines in one
@@ -23,6 +23,20 @@ waited out vLLM's 5 s recheck (a demo-pair `server_load` run made no progress in
 DEBUG log shows "Poller timed out" once per step), even with stale notifications drained after
 each read. vLLM's default (spin for a second) does not have that problem: a VGS request after
 0-3 s of idle engines takes the same 0.2-0.6 s.
+
+**Allocator (`engine_malloc_env`, on by default on CPU).** Each engine's processes start with
+glibc's malloc told to keep freed memory: `MALLOC_MMAP_THRESHOLD_` 32 MiB (glibc's maximum)
+and `MALLOC_TRIM_THRESHOLD_` 256 MiB. Without them glibc's *dynamic* mmap threshold decides,
+per process, which of the worker's per-step buffers are fresh `mmap`s that are unmapped again
+on free; the next step page-faults them back in. Where that threshold settles depends on the
+order of the first allocations, so it is a lottery of each engine start: the same value-scoring
+search on eight engines started one after the other in one process took medians of 0.46-0.77 s
+with 25k-450k minor page faults in the worker per five searches, and the slow starts were the
+faulting ones (this is what made `benchmarks/value_scoring.py` bimodal between runs). With the
+two settings every start faulted 11k-15k times and took 0.45-0.57 s. (vLLM's CPU guide
+suggests preloading tcmalloc for the same reason; glibc's knobs need no library.) Settings
+the user made win: nothing is changed when any `MALLOC_*_` variable, `GLIBC_TUNABLES` or an
+`LD_PRELOAD`ed allocator is set, and `VGS_CPU_MALLOC=0` turns it off.
 
 What did not help: `VLLM_CPU_OMP_THREADS_BIND=nobind` (unpinned OpenMP threads in both
 workers) made decoding 1.3-10x slower on the shared machine: OpenMP barriers stall whenever a
@@ -78,15 +92,48 @@ def engine_core_masks() -> tuple[str, str] | None:
 def omp_bind(mask: str | None) -> Iterator[None]:
     """Start an engine with `VLLM_CPU_OMP_THREADS_BIND=mask` (its processes read it at spawn);
     the variable is restored afterwards. No-op for None."""
-    if mask is None:
+    with scoped_env({} if mask is None else {"VLLM_CPU_OMP_THREADS_BIND": mask}):
         yield
-        return
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = mask
+
+
+# glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); a larger value is ignored
+MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+_USER_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                     "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+
+
+def engine_malloc_env() -> dict[str, str]:
+    """Environment for a vLLM engine's processes on a CPU: glibc malloc keeps freed memory
+    (see the module docstring), or {} on a GPU, with `VGS_CPU_MALLOC=0`, or when the user
+    already tuned the allocator (a `MALLOC_*` variable, `GLIBC_TUNABLES`, or tcmalloc /
+    jemalloc / mimalloc in `LD_PRELOAD`)."""
+    if os.environ.get("VGS_CPU_MALLOC", "1") == "0":
+        return {}
+    if any(k in os.environ for k in _USER_MALLOC_VARS):
+        return {}
+    if any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("tcmalloc", "jemalloc", "mimalloc")):
+        return {}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return {}
+    except Exception:  # noqa: BLE001 - no torch: nothing to tune
+        return {}
+    return dict(MALLOC_KEEP)
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    """Set `env` while an engine starts (its processes copy the environment at spawn), then
+    restore what was there, so this process and engines started later are not affected."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -380,9 +380,13 @@ async def start_async_llm(kw: dict[str, Any]) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from vgs.cpu_tuning import engine_malloc_env, scoped_env
+
     kw = dict(kw)
     kw.setdefault("disable_log_stats", True)
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+    # on a CPU the worker's malloc keeps freed buffers (a per-start page-fault lottery otherwise)
+    with scoped_env(engine_malloc_env()):
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
 
 def _samples(out: Any, prompt_len: int) -> list[GenSample]:

@@ -30,10 +30,11 @@ and `MALLOC_TRIM_THRESHOLD_` 256 MiB. Without them glibc's *dynamic* mmap thresh
 per process, which of the worker's per-step buffers are fresh `mmap`s that are unmapped again
 on free; the next step page-faults them back in. Where that threshold settles depends on the
 order of the first allocations, so it is a lottery of each engine start: the same value-scoring
-search on eight engines started one after the other in one process took medians of 0.46-0.77 s
+search on twelve engines started one after the other in one process took medians of 0.46-0.77 s
 with 25k-450k minor page faults in the worker per five searches, and the slow starts were the
 faulting ones (this is what made `benchmarks/value_scoring.py` bimodal between runs). With the
-two settings every start faulted 11k-15k times and took 0.45-0.57 s. (vLLM's CPU guide
+two settings (alone or with a 64 MiB top pad) every start faulted 11k-15k times and took
+0.45-0.57 s; two `make bench` runs then agreed within 0.4% on value scoring. (vLLM's CPU guide
 suggests preloading tcmalloc for the same reason; glibc's knobs need no library.) Settings
 the user made win: nothing is changed when any `MALLOC_*_` variable, `GLIBC_TUNABLES` or an
 `LD_PRELOAD`ed allocator is set, and `VGS_CPU_MALLOC=0` turns it off.

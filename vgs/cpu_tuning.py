@@ -60,16 +60,19 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def small_cpu() -> bool:
-    """No GPU and few cores (the engine processes inherit the answer from their parent)."""
-    if usable_cores() > SMALL_CPU_CORES:
-        return False
+def on_cpu() -> bool:
+    """No CUDA device (or no torch): vLLM runs its CPU backend."""
     try:
         import torch
 
         return not torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return True
+
+
+def small_cpu() -> bool:
+    """No GPU and few cores (the engine processes inherit the answer from their parent)."""
+    return usable_cores() <= SMALL_CPU_CORES and on_cpu()
 
 
 def engine_core_masks() -> tuple[str, str] | None:
@@ -114,14 +117,7 @@ def engine_malloc_env() -> dict[str, str]:
         return {}
     if any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("tcmalloc", "jemalloc", "mimalloc")):
         return {}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return {}
-    except Exception:  # noqa: BLE001 - no torch: nothing to tune
-        return {}
-    return dict(MALLOC_KEEP)
+    return dict(MALLOC_KEEP) if on_cpu() else {}
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Protocol, Sequence
 
 from vgs.config import EngineConfig, SamplingConfig
+from vgs.cpu_tuning import engine_malloc_env, on_cpu, scoped_env
 from vgs.errors import VGSError
 
 log = logging.getLogger(__name__)
@@ -82,15 +83,6 @@ class PolicyBackend(Protocol):
         """One request's `n` samples, in order. Cancelling the caller aborts the request.
         User-facing rejections raise VGSError."""
         ...
-
-
-def on_cpu() -> bool:
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return True
 
 
 def count_params(model: str) -> int:
@@ -379,8 +371,6 @@ async def start_async_llm(kw: dict[str, Any]) -> Any:
     an AsyncLLM binds its output handler to the loop that first drives it."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    from vgs.cpu_tuning import engine_malloc_env, scoped_env
 
     kw = dict(kw)
     kw.setdefault("disable_log_stats", True)

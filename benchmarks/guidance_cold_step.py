@@ -18,7 +18,10 @@ each decode step preceded by one of:
   separates cache effects from the core's clock.
 
 It also times a fixed sequence of 17 small distinct torch ops after `nothing` and after
-`lm_head`, which shows the per-op cost of cold caches apart from the value model.
+`lm_head`, which shows the per-op cost of cold caches apart from the value model, and one
+`torch.sum` over 4 KB to 1 MB after each: what a cold op costs beyond its warm time barely
+grows with the bytes it reads, so the cost is the op's own code and bookkeeping being fetched
+again, not its data (the step's cold cost scales with its number of ops, not its FLOPs).
 Every number is the median over `--steps` steps; the rows alternate `--repeats` times.
 """
 
@@ -123,8 +126,23 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t0)
         return 1e3 * statistics.median(times)
 
+    def one_sum(kib: int, prep: Callable[[], object] | None) -> float:
+        x = torch.randn(kib * 256)  # kib KiB of fp32
+        times = []
+        for _ in range(args.steps):
+            if prep is not None:
+                prep()
+            t0 = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times)
+
+    sizes = []
     rows = []
     for rep in range(args.repeats):
+        for kib in (4, 64, 256, 1024):
+            sizes.append({"rep": rep, "KiB read": kib, "warm us": one_sum(kib, None),
+                          "after lm_head us": one_sum(kib, before["lm_head"])})
         for name, prep in before.items():
             rows.append({"rep": rep, "before each step": name, "value step ms": value_step(prep),
                          "17 small ops ms": ops_after(prep) if name in ("nothing", "lm_head") else float("nan")})
@@ -135,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{min(ROW_LENGTHS)}-{max(ROW_LENGTHS)} cached tokens, {args.candidates} candidates; one thread; "
           f"median of {args.steps} steps, median over {args.repeats} repeats")
     print(df.to_string(float_format=lambda x: f"{x:.3f}"))
+    sz = pd.DataFrame(sizes).groupby("KiB read").median().drop(columns="rep")
+    sz["extra us"] = sz["after lm_head us"] - sz["warm us"]
+    print("one torch.sum over N KiB (median over steps and repeats):")
+    print(sz.to_string(float_format=lambda x: f"{x:.1f}"))
     print(f"cold_over_warm_value_step: {df.loc['lm_head', 'value step ms'] / warm:.3f}")
     tmp.cleanup()
     return 0

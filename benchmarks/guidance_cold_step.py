@@ -116,26 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.softmax(a, -1)
         a @ b.T
 
-    def ops_after(prep: Callable[[], object] | None) -> float:
+    def after(fn: Callable[[], object], prep: Callable[[], object] | None) -> float:
+        """Median seconds of `fn` over `--steps` calls, each preceded by `prep` (untimed)."""
         times = []
         for _ in range(args.steps):
             if prep is not None:
                 prep()
             t0 = time.perf_counter()
-            seventeen_ops()
+            fn()
             times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
+        return statistics.median(times)
 
     def one_sum(kib: int, prep: Callable[[], object] | None) -> float:
         x = torch.randn(kib * 256)  # kib KiB of fp32
-        times = []
-        for _ in range(args.steps):
-            if prep is not None:
-                prep()
-            t0 = time.perf_counter()
-            x.sum()
-            times.append(time.perf_counter() - t0)
-        return 1e6 * statistics.median(times)
+        return 1e6 * after(x.sum, prep)
 
     sizes = []
     rows = []
@@ -145,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                           "after lm_head us": one_sum(kib, before["lm_head"])})
         for name, prep in before.items():
             rows.append({"rep": rep, "before each step": name, "value step ms": value_step(prep),
-                         "17 small ops ms": ops_after(prep) if name in ("nothing", "lm_head") else float("nan")})
+                         "17 small ops ms": 1e3 * after(seventeen_ops, prep) if name in ("nothing", "lm_head") else float("nan")})
     df = pd.DataFrame(rows).groupby("before each step", sort=False).median(numeric_only=True).drop(columns="rep")
     warm = df.loc["nothing", "value step ms"]
     df["vs warm"] = df["value step ms"] / warm

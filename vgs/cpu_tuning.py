@@ -34,8 +34,9 @@ search on twelve engines started one after the other in one process took medians
 with 25k-450k minor page faults in the worker per five searches, and the slow starts were the
 faulting ones (this is what made `benchmarks/value_scoring.py` bimodal between runs). With the
 two settings (alone or with a 64 MiB top pad) every start faulted 11k-15k times and took
-0.45-0.57 s; two `make bench` runs then agreed within 0.4% on value scoring. (vLLM's CPU guide
-suggests preloading tcmalloc for the same reason; glibc's knobs need no library.) Settings
+0.45-0.57 s; six `make bench` runs since then agree within 4% on value scoring (6.56-6.81).
+(vLLM's CPU guide suggests preloading tcmalloc for the same reason; glibc's knobs need no
+library.) Settings
 the user made win: nothing is changed when any `MALLOC_*_` variable, `GLIBC_TUNABLES` or an
 `LD_PRELOAD`ed allocator is set, and `VGS_CPU_MALLOC=0` turns it off.
 

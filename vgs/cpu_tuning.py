@@ -36,9 +36,8 @@ faulting ones (this is what made `benchmarks/value_scoring.py` bimodal between r
 two settings (alone or with a 64 MiB top pad) every start faulted 11k-15k times and took
 0.45-0.57 s; six `make bench` runs since then agree within 4% on value scoring (6.56-6.81).
 (vLLM's CPU guide suggests preloading tcmalloc for the same reason; glibc's knobs need no
-library.) Settings
-the user made win: nothing is changed when any `MALLOC_*_` variable, `GLIBC_TUNABLES` or an
-`LD_PRELOAD`ed allocator is set, and `VGS_CPU_MALLOC=0` turns it off.
+library.) Settings the user made win: nothing is changed when any `MALLOC_*_` variable,
+`GLIBC_TUNABLES` or an `LD_PRELOAD`ed allocator is set, and `VGS_CPU_MALLOC=0` turns it off.
 
 What did not help: `VLLM_CPU_OMP_THREADS_BIND=nobind` (unpinned OpenMP threads in both
 workers) made decoding 1.3-10x slower on the shared machine: OpenMP barriers stall whenever a
